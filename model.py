@@ -1,0 +1,273 @@
+"""
+A modern decoder-only transformer, written out in full:
+token embedding -> n_layer x [pre-norm attention, pre-norm SwiGLU] -> RMSNorm -> tied output head.
+Attention is grouped-query with rotary position embeddings and a KV cache for generation.
+The layout follows Llama (rotary rotates the two halves of each head), so weights map 1:1 to it.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 12       # n_head: multi-head; 1: multi-query; in between: grouped-query
+    n_embd: int = 768
+    hidden_dim: int = 0       # SwiGLU width; 0 means 8/3 * n_embd rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for rotary")
+        if not self.hidden_dim:
+            self.hidden_dim = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 for stability."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+
+def rotary_tables(head_dim, length, theta):
+    """cos and sin of shape (length, head_dim/2): position m rotates pair i by m * theta^(-2i/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate (x1, x2) = the two halves of each head by the position's angle. x: (B, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far."""
+
+    def __init__(self, config):
+        self.n_layer, self.block_size = config.n_layer, config.block_size
+        self.k = self.v = None  # allocated at the first update, in the keys' dtype (autocast decides it)
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer, k, v):
+        """Store k, v (B, H_kv, T, D) at the current position; return all keys and values so far."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(self.n_layer, B, H, self.block_size, D)
+            self.v = torch.zeros_like(self.k)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        # q, k and v projections fused into one matmul: n_head query heads, n_kv_head key and value heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # a single new token attends to everything cached; otherwise causal (or the given mask)
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
+        self.up = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        return F.dropout(self.c_proj(F.silu(self.gate(x)) * self.up(x)), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def document_mask(doc_ids):
+    """Boolean attention mask (B, 1, T, T): causal, and only within the same document."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
+def doc_ids_from_eot(idx, eot_token):
+    """Document index of each position; the end-of-text token belongs to the document it ends."""
+    ends = (idx == eot_token).long()
+    return ends.cumsum(1) - ends
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scheme: the projections that write into the residual stream are scaled by 1/sqrt(2*n_layer)
+        # so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs (forward + backward) per token: 6 per weight, plus the attention scores and
+        weighted sum (PaLM appendix B). The embedding lookup is free, but the tied head is a real matmul."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, reduction="mean"):
+        """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = ignore), the loss.
+        doc_ids (B, T) restricts attention to each position's own document (packed sequences)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        mask = None
+        if doc_ids is not None:
+            mask = document_mask(doc_ids)
+        elif cache is not None and start > 0 and T > 1:  # several new tokens after a cached prefix
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        x = self.drop(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100, reduction=reduction)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay only on matrices (not on norm gains); the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+                 use_cache=True, generator=None):
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+        Stops early once every row has produced one of stop_tokens.
+        The context window: a prompt longer than block_size is cropped to its last block_size tokens; when
+        the window fills up, the oldest half is dropped and the rest re-encoded (a cache refill). The
+        no-cache path uses the same window, so both paths see the same context and agree exactly."""
+        bs = self.config.block_size
+        idx = idx[:, -bs:]
+        window_start = 0        # the model sees idx[:, window_start:]
+        cache = None
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if idx.size(1) - window_start >= bs:  # full: keep the newest half
+                window_start = idx.size(1) - bs // 2
+                cache = None
+            if not use_cache:
+                logits, _ = self(idx[:, window_start:])
+            elif cache is None:
+                cache = KVCache(self.config)
+                logits, _ = self(idx[:, window_start:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_id), dim=1)
+            if len(stop):
+                done |= torch.isin(next_id[:, 0], stop)
+                if done.all():
+                    break
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # drop the tail outside the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

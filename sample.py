@@ -1,0 +1,74 @@
+"""
+Generate text from a trained checkpoint.
+
+    python sample.py --out_dir=out/tiny --start="To be" --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0
+"""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from model import GPT, GPTConfig
+from tokenizer import eot_token, load_tokenizer
+
+defaults = dict(
+    out_dir="out",          # directory holding ckpt.pt (or the path of a .pt file)
+    start="\n",             # prompt text, or FILE:path to read it from a file
+    num_samples=3,
+    max_new_tokens=200,
+    temperature=0.8,        # 0 = greedy
+    top_k=200,              # 0 = off
+    top_p=1.0,              # 1.0 = off
+    seed=1337,
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="bfloat16",       # autocast dtype; 'float32' turns autocast off
+)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, tokenizer, checkpoint dict) from out_dir/ckpt.pt or a .pt path; exits naming a bad file."""
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        sys.exit(f"checkpoint '{file}' not found")
+    try:
+        ckpt = torch.load(file, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # truncated, not a checkpoint, or from an incompatible version
+        sys.exit(f"checkpoint '{file}' cannot be loaded: {type(e).__name__}: {e}")
+    return model.to(device).eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+def main():
+    cfg = configure(defaults)
+    torch.manual_seed(cfg["seed"])
+    device = cfg["device"]
+    model, enc, _ = load_checkpoint(cfg["out_dir"], device)
+    ctx = (torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg["dtype"]))
+           if cfg["dtype"] != "float32" else nullcontext())
+    start = cfg["start"]
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    ids = enc.encode(start, allowed_special="all")
+    if len(ids) > model.config.block_size:
+        print(f"(prompt of {len(ids)} tokens cropped to its last {model.config.block_size})", file=sys.stderr)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    eot = eot_token(enc)
+    for _ in range(cfg["num_samples"]):
+        t0 = time.perf_counter()
+        with ctx:
+            y = model.generate(x, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                               cfg["top_p"], stop_tokens=() if eot is None else (eot,))
+        new = y[0, min(len(ids), model.config.block_size):].tolist()
+        dt = time.perf_counter() - t0
+        print(start + enc.decode(new))
+        print(f"---------------- {len(new)} tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

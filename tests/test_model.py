@@ -1,0 +1,191 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, RMSNorm, apply_rotary, doc_ids_from_eot, rotary_tables
+
+
+def tiny(**kw):
+    args = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    args.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def test_rmsnorm_formula():
+    norm = RMSNorm(8, eps=1e-5)
+    norm.weight.data = torch.randn(8)
+    x = torch.randn(3, 5, 8)
+    expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_rotary_matches_complex_rotation_and_is_relative():
+    D, T = 16, 20
+    cos, sin = rotary_tables(D, T, theta=10000.0)
+    x = torch.randn(1, 1, T, D)
+    rot = apply_rotary(x, cos, sin)
+    # pair i is (x[i], x[i + D/2]) rotated by angle m * theta^(-2i/D): a complex multiplication
+    z = torch.complex(x[..., :D // 2].double(), x[..., D // 2:].double())
+    angle = (torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)).double()
+    zr = z * torch.polar(torch.ones_like(angle), angle)
+    torch.testing.assert_close(rot, torch.cat((zr.real, zr.imag), -1).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rot.norm(dim=-1), x.norm(dim=-1))
+    # q_m . k_n depends only on m - n: the same q and k at positions (m, n) and (m + s, n + s)
+    q, k = torch.randn(D), torch.randn(D)
+    qs = apply_rotary(q.expand(1, 1, T, D), cos, sin)[0, 0]
+    ks = apply_rotary(k.expand(1, 1, T, D), cos, sin)[0, 0]
+    dots = [qs[m] @ ks[n] for m, n in [(5, 2), (9, 6), (19, 16)]]
+    torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), atol=1e-4, rtol=1e-4)
+
+
+def reference_attention(attn, x, cos, sin, repeat):
+    """Multi-head causal attention written plainly, k/v heads repeated `repeat` times."""
+    B, T, C = x.shape
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    Wq, Wk, Wv = attn.c_attn.weight.split([H * D, Hkv * D, Hkv * D])
+    q = (x @ Wq.T).view(B, T, H, D).transpose(1, 2)
+    k = (x @ Wk.T).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(repeat, dim=1)
+    v = (x @ Wv.T).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(repeat, dim=1)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return y @ attn.c_proj.weight.T
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_equals_plain_multihead_with_repeated_kv(n_kv_head):
+    model = tiny(n_kv_head=n_kv_head)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 10, 32)
+    cos, sin = model.cos[:10], model.sin[:10]
+    expected = reference_attention(attn, x, cos, sin, repeat=4 // n_kv_head)
+    torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal():
+    model = tiny()
+    x = torch.randint(0, 50, (1, 20))
+    y = x.clone()
+    y[0, 12:] = (y[0, 12:] + 1) % 50
+    torch.testing.assert_close(model(x)[0][:, :12], model(y)[0][:, :12])
+    assert not torch.allclose(model(x)[0][:, 12:], model(y)[0][:, 12:])
+
+
+def test_document_mask_isolates_documents():
+    model, eot = tiny(), 0
+    doc = torch.randint(1, 50, (8,))
+    a = torch.cat((torch.randint(1, 50, (5,)), torch.tensor([eot]), doc))[None]
+    b = torch.cat((torch.randint(1, 50, (9,)), torch.tensor([eot]), doc))[None]  # other, longer history
+    la = model(a, doc_ids=doc_ids_from_eot(a, eot))[0][0, -8:]
+    lb = model(b, doc_ids=doc_ids_from_eot(b, eot))[0][0, -8:]
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)  # rotary is relative: offsets do not matter
+    assert not torch.allclose(model(a)[0][0, -8:], model(b)[0][0, -8:], atol=1e-3)  # unmasked: they do
+
+
+def test_doc_ids_from_eot():
+    idx = torch.tensor([[3, 0, 4, 5, 0, 0, 7]])
+    assert doc_ids_from_eot(idx, 0).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("new_tokens", [1, 7, 27, 60])  # block 32, prompt 5: 27+ refills the cache, 60 twice
+def test_kv_cache_greedy_equals_no_cache(new_tokens):
+    model = tiny()
+    prompt = torch.randint(0, 50, (2, 5))
+    cached = model.generate(prompt, new_tokens, temperature=0)
+    plain = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    assert cached.shape == (2, 5 + new_tokens)
+    assert torch.equal(cached, plain)
+
+
+def test_generate_crops_long_prompt_and_stops():
+    model = tiny()
+    prompt = torch.randint(0, 50, (1, 40))  # longer than block_size=32: only the last 32 are kept
+    out = model.generate(prompt, 3, temperature=0)
+    assert torch.equal(out[:, :32], prompt[:, -32:]) and out.shape == (1, 35)
+    first = out[0, 32].item()
+    stopped = model.generate(prompt, 10, temperature=0, stop_tokens=(first,))
+    assert stopped.shape == (1, 33)
+
+
+def test_sampling_filters():
+    from model import sample_next
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {sample_next(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is tokens 0 and 1
+
+
+def test_forward_loss_and_ignore_index():
+    model = tiny()
+    x = torch.randint(0, 50, (2, 6))
+    t = x.clone()
+    t[:, :3] = -100
+    logits, loss = model(x, t)
+    expected = F.cross_entropy(logits[:, 3:].reshape(-1, 50), x[:, 3:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    assert logits.shape == (2, 6, 50)
+
+
+def test_tied_head_counts_once_and_flops():
+    model = tiny()
+    assert model.lm_head.weight is model.wte.weight
+    c = model.config
+    per_layer = 2 * c.n_embd + c.n_embd * (c.n_head + 2 * c.n_kv_head) * 8 + c.n_embd ** 2 + 3 * c.n_embd * c.hidden_dim
+    assert model.num_params() == c.vocab_size * c.n_embd + c.n_layer * per_layer + c.n_embd
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def test_init_scales_residual_projections():
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=8, n_head=4, n_kv_head=4, n_embd=256))
+    assert abs(model.blocks[0].mlp.gate.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.0005
+
+
+def test_optimizer_decays_matrices_only():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_loss_falls_on_planted_data():
+    """A repeating pattern is learnable: 150 AdamW steps must take the loss far below uniform."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    data = pattern.repeat(20)
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for step in range(150):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        x = torch.stack([data[s:s + 32] for s in starts])
+        y = torch.stack([data[s + 1:s + 33] for s in starts])
+        _, loss = model(x, y)
+        if step == 0:
+            first = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 2.0 and loss.item() < 0.3
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(n_embd=36, n_head=4, n_kv_head=4), "must be even for rotary"),
+    (dict(n_embd=30, n_head=4, n_kv_head=4), "multiple of n_head"),
+])
+def test_bad_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kw)
+
+
+def test_sequence_longer_than_block_size():
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
