@@ -7,12 +7,11 @@ Generate text from a trained checkpoint.
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, autocast_context
 from tokenizer import eot_token, load_tokenizer
 
 defaults = dict(
@@ -25,7 +24,7 @@ defaults = dict(
     top_p=1.0,              # 1.0 = off
     seed=1337,
     device="cuda" if torch.cuda.is_available() else "cpu",
-    dtype="bfloat16",       # autocast dtype; 'float32' turns autocast off
+    dtype="auto",           # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
 )
 
 
@@ -48,8 +47,7 @@ def main():
     torch.manual_seed(cfg["seed"])
     device = cfg["device"]
     model, enc, _ = load_checkpoint(cfg["out_dir"], device)
-    ctx = (torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg["dtype"]))
-           if cfg["dtype"] != "float32" else nullcontext())
+    ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     start = cfg["start"]
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:

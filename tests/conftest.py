@@ -3,3 +3,47 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's scripts are top-level modules, not a package
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+TEXT = (b"The quick brown fox jumps over the lazy dog. " b"Pack my box with five dozen liquor jugs. "
+        b"How vexingly quick daft zebras jump! ") * 200
+
+
+def write_pretrain_data(path, train=TEXT, val=TEXT[:3000], **meta):
+    """A byte-level dataset in the on-disk format of DESIGN.md."""
+    path.mkdir(parents=True, exist_ok=True)
+    np.frombuffer(train, dtype=np.uint8).astype(np.uint16).tofile(path / "train.bin")
+    np.frombuffer(val, dtype=np.uint8).astype(np.uint16).tofile(path / "val.bin")
+    meta = {"kind": "pretrain", "vocab_size": 256, "tokenizer": {"kind": "bytes"}, "bytes_per_token": 1.0, **meta}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+TINY = ["--dataset=tiny", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--learning_rate=3e-3", "--eval_iters=2", "--log_interval=1", "--dtype=float32"]
+
+
+def run_script(script, *args, cwd=None, env=None, torchrun=0):
+    """Run a project script in a fresh process; returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(ROOT, script)]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               os.path.join(ROOT, script)]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    write_pretrain_data(tmp_path / "data" / "tiny")
+    return tmp_path

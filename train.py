@@ -1,0 +1,393 @@
+"""
+One training loop for every stage: mode='pretrain' (next-token prediction on token memmaps); the SFT and
+DPO modes plug into the same loop as a batch source and a loss.
+
+    python train.py config/pretrain_tiny.py                        # one process, CPU or one GPU
+    torchrun --nproc_per_node=8 train.py config/pretrain.py        # DDP on one node
+    python train.py config/pretrain_tiny.py --init_from=resume     # continue exactly where it stopped
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import GPT, GPTConfig, autocast_context, doc_ids_from_eot
+
+defaults = dict(
+    # I/O
+    out_dir="out",
+    init_from="scratch",        # 'scratch' | 'resume' (out_dir/ckpt.pt) | path of a checkpoint to start from
+    eval_interval=250,
+    eval_iters=20,
+    log_interval=10,
+    always_save_checkpoint=True,  # False: save only when val loss improves
+    stop_at_iter=-1,            # stop (and save) here without changing the schedule; -1 = run to max_iters
+    wandb_log=False,
+    wandb_project="llm",
+    wandb_run_name="run",
+    # data
+    mode="pretrain",
+    dataset="demo",             # reads data_root/<dataset>/
+    data_root="data",
+    batch_size=16,              # micro-batch per process
+    block_size=256,
+    gradient_accumulation_steps=1,  # summed over all processes: divided by the number of ranks
+    doc_mask=False,             # attend only within each document of a packed window
+    # model (taken from the checkpoint instead when init_from is a path)
+    n_layer=4,
+    n_head=4,
+    n_kv_head=4,
+    n_embd=256,
+    hidden_dim=0,               # 0 = about 8/3 * n_embd
+    dropout=0.0,
+    # AdamW with linear warmup, then cosine decay to min_lr
+    learning_rate=1e-3,
+    max_iters=600,
+    warmup_iters=-1,            # -1 = 1% of max_iters
+    min_lr=-1.0,                # -1 = 10% of learning_rate
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,              # 0 = off
+    # stability: skip the update of a step whose loss is NaN/inf or spikes over the running mean
+    spike_factor=4.0,           # a spike is loss > spike_factor * running mean; 0 = off
+    max_bad_steps=5,            # this many skipped steps in a row stop the run
+    # system
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="auto",               # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
+    compile=False,
+    seed=1337,
+    peak_flops=0.0,             # device peak FLOP/s for MFU; 0 = known GPUs' bf16 dense peak, else no MFU
+)
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def get_lr(it, lr, min_lr, warmup_iters, max_iters):
+    """Linear warmup from lr/warmup_iters to lr, then cosine decay to min_lr at max_iters."""
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def read_meta(data_dir, kind):
+    if not os.path.isdir(data_dir):
+        fail(f"data directory '{data_dir}' not found (build it with prepare.py)")
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        fail(f"'{path}' not found: '{data_dir}' is not a prepared dataset")
+    with open(path) as f:
+        meta = json.load(f)
+    for key in ("kind", "vocab_size"):
+        if key not in meta:
+            fail(f"'{path}' has no '{key}'")
+    if meta["kind"] != kind:
+        fail(f"'{path}' holds kind '{meta['kind']}' data, but mode '{kind}' needs kind '{kind}'")
+    return meta
+
+
+def open_tokens(path, vocab_size, min_len, dtype=np.uint16):
+    """Memmap of a token file, after cheap checks: its length, and ids < vocab_size at both ends."""
+    if not os.path.isfile(path):
+        fail(f"'{path}' not found")
+    data = np.memmap(path, dtype=dtype, mode="r")
+    if len(data) < min_len:
+        fail(f"'{path}' holds {len(data)} tokens, fewer than the {min_len} one batch window needs")
+    for start in (0, max(0, len(data) - (1 << 20))):
+        chunk = data[start:start + (1 << 20)]
+        if chunk.max() >= vocab_size:
+            bad = start + int(np.argmax(chunk >= vocab_size))
+            fail(f"'{path}' token {bad} has id {int(data[bad])} >= vocab_size {vocab_size} from meta.json")
+    return data
+
+
+class PretrainBatches:
+    """Random windows of block_size+1 tokens from data_dir/{train,val}.bin (flat uint16 streams)."""
+    kind = "pretrain"
+
+    def __init__(self, data_dir, cfg):
+        self.meta = read_meta(data_dir, self.kind)
+        self.block_size = cfg["block_size"]
+        self.splits = {s: open_tokens(os.path.join(data_dir, f"{s}.bin"), self.meta["vocab_size"],
+                                      self.block_size + 1) for s in ("train", "val")}
+        self.eot = self.meta.get("special_tokens", {}).get("<|endoftext|>")
+        if cfg["doc_mask"] and self.eot is None:
+            fail(f"doc_mask=True needs '<|endoftext|>' in special_tokens of {data_dir}/meta.json")
+        self.doc_mask = cfg["doc_mask"]
+
+    @staticmethod
+    def count(batch):
+        """How many loss terms the batch holds: the steps' losses are divided by their total."""
+        return (batch["targets"] != -100).sum()
+
+    def get(self, split, n, generator):
+        data = self.splits[split]
+        starts = torch.randint(len(data) - self.block_size, (n,), generator=generator).tolist()
+        w = torch.from_numpy(np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64))
+        batch = {"idx": w[:, :-1], "targets": w[:, 1:]}
+        if self.doc_mask:
+            batch["doc_ids"] = doc_ids_from_eot(batch["idx"], self.eot)
+        return batch
+
+
+def next_token_loss(model, batch):
+    """Cross-entropy summed over the batch's targets (-100 = not a target)."""
+    return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1]
+
+
+MODES = {"pretrain": (PretrainBatches, next_token_loss)}
+
+
+def to_device(batch, device):
+    pin = device.startswith("cuda")
+    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world):
+    """Mean loss per counted term over eval_iters fixed batches of each split, shared out over the ranks.
+    A fresh seeded generator: every eval sees the same batches and the training stream is untouched."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        g = torch.Generator().manual_seed(cfg["seed"] + 1)
+        sums = torch.zeros(2, device=device)  # loss, count
+        for i in range(cfg["eval_iters"]):
+            batch = batches.get(split, cfg["batch_size"], g)
+            if i % world == rank:
+                batch = to_device(batch, device)
+                with ctx:
+                    sums += torch.stack([loss_fn(model, batch).float(), batches.count(batch).float()])
+        if world > 1:
+            dist.all_reduce(sums)
+        out[split] = (sums[0] / sums[1].clamp(min=1)).item()
+    model.train()
+    return out
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"checkpoint '{path}' cannot be loaded: {type(e).__name__}: {e}")
+
+
+def save_checkpoint(state, out_dir):
+    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "ckpt.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def model_config(cfg, vocab_size, ckpt):
+    if ckpt is not None and cfg["init_from"] != "resume":  # fine-tuning: the checkpoint's architecture
+        return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
+    # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
+    conf = GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), block_size=cfg["block_size"],
+                     **{k: cfg[k] for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "hidden_dim", "dropout")})
+    if ckpt is not None:
+        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(conf).items()
+                if ckpt["model_config"].get(k) != v and k != "dropout"}
+        if diff:
+            fail("cannot resume: the checkpoint's model differs from this config: " +
+                 ", ".join(f"{k}={a} here but {b} in the checkpoint" for k, (a, b) in diff.items()))
+    return conf
+
+
+def train(cfg):
+    # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = "RANK" in os.environ
+    device = cfg["device"]
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    if cfg["gradient_accumulation_steps"] % world:
+        fail(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple of "
+             f"the {world} processes")
+    accum = cfg["gradient_accumulation_steps"] // world
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    try:
+        ctx = autocast_context(cfg["dtype"], device_type)
+    except ValueError as e:
+        fail(str(e))
+    torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
+
+    if cfg["mode"] not in MODES:
+        fail(f"mode '{cfg['mode']}' is not one of {sorted(MODES)}")
+    Batches, loss_fn = MODES[cfg["mode"]]
+    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
+    batches = Batches(data_dir, cfg)
+
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+    elif cfg["init_from"] != "scratch":
+        ckpt = read_checkpoint(cfg["init_from"])
+    raw_model = GPT(model_config(cfg, batches.meta["vocab_size"], ckpt))
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+    raw_model.to(device)
+    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                               (cfg["beta1"], cfg["beta2"]), device_type)
+    sampler = torch.Generator().manual_seed(cfg["seed"])  # draws every batch; its state is the data position
+    iter_num, best_val_loss, loss_ema = 0, float("inf"), None
+    if cfg["init_from"] == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss, loss_ema = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["loss_ema"]
+        sampler.set_state(ckpt["rng"]["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    ckpt = None  # free the memory
+
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+
+    warmup = cfg["warmup_iters"] if cfg["warmup_iters"] >= 0 else max(1, cfg["max_iters"] // 100)
+    min_lr = cfg["min_lr"] if cfg["min_lr"] >= 0 else 0.1 * cfg["learning_rate"]
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    peak = cfg["peak_flops"] or next((v for k, v in PEAK_BF16_FLOPS.items() if device_type == "cuda"
+                                      and k in torch.cuda.get_device_name(device)), 0.0)
+    flops_per_iter = raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter
+    bytes_per_token = batches.meta.get("bytes_per_token")
+    stop_at = cfg["max_iters"] if cfg["stop_at_iter"] < 0 else min(cfg["stop_at_iter"], cfg["max_iters"])
+
+    metrics_file, run = None, None
+    if master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        metrics_file = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a")
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
+              f"{world} process(es) x {accum} micro-batches of {cfg['batch_size']}x{cfg['block_size']}, "
+              f"{'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}")
+        if cfg["wandb_log"]:
+            import wandb
+            run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+
+    def log(record):
+        if master:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if run is not None:
+                run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def checkpoint():
+        if master:
+            rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}
+            if device_type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint({"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+                             "config": cfg, "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                             "best_val_loss": best_val_loss, "loss_ema": loss_ema, "rng": rng,
+                             "tokenizer": batches.meta.get("tokenizer"), "data_meta": batches.meta},
+                            cfg["out_dir"])
+
+    bad_steps, t_last, iters_timed = 0, time.perf_counter(), 0
+    while True:
+        if cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at):
+            losses = estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world)
+            record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+            if bytes_per_token:
+                record["val_bpb"] = losses["val"] / math.log(2) / bytes_per_token
+            if master:
+                print(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "iter"))
+            log(record)
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > 0 and (improved or cfg["always_save_checkpoint"] or iter_num == stop_at < cfg["max_iters"]):
+                checkpoint()
+            t_last, iters_timed = time.perf_counter(), 0  # keep eval out of the step timings
+        if iter_num >= stop_at:
+            break
+
+        lr = get_lr(iter_num, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # one shared draw of the whole step's micro-batches; this rank takes its slice
+        step = [batches.get("train", cfg["batch_size"], sampler) for _ in range(accum * world)]
+        micro = [to_device(b, device) for b in step[rank * accum:(rank + 1) * accum]]
+        # every mode's loss is a sum over counted terms; the step's loss is the sum over all micro-batches
+        # and ranks divided by the total count, so each term weighs the same however batches are split
+        count = sum(batches.count(b) for b in micro).float()
+        if ddp:
+            dist.all_reduce(count)
+        step_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            if ddp:  # all-reduce gradients only after the last micro-batch
+                model.require_backward_grad_sync = i == accum - 1
+            with ctx:
+                loss = loss_fn(model, batch) / count * world  # DDP averages gradients over ranks; this undoes that
+            loss.backward()
+            step_loss += loss.detach() / world
+        if ddp:
+            dist.all_reduce(step_loss)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
+        loss_val, norm_val = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
+
+        spike = (cfg["spike_factor"] > 0 and loss_ema is not None and loss_val > cfg["spike_factor"] * loss_ema)
+        if not math.isfinite(loss_val) or not math.isfinite(norm_val) or spike:
+            bad_steps += 1
+            reason = "spike" if spike else "non-finite"
+            if master:
+                print(f"iter {iter_num}: skipped update ({reason} loss {loss_val:.4f}, "
+                      f"running mean {loss_ema or float('nan'):.4f})")
+            log({"iter": iter_num, "skipped": reason, "loss": loss_val if math.isfinite(loss_val) else None})
+            if bad_steps >= cfg["max_bad_steps"]:
+                fail(f"{bad_steps} bad steps in a row at iter {iter_num}: stopping without a checkpoint "
+                     f"(the last good one is kept). Lower learning_rate or check the data.")
+        else:
+            bad_steps = 0
+            optimizer.step()
+            loss_ema = loss_val if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_val
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_timed += 1
+
+        if iter_num % cfg["log_interval"] == 0 and master:
+            dt = (time.perf_counter() - t_last) / iters_timed
+            t_last, iters_timed = time.perf_counter(), 0
+            record = {"iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": norm_val,
+                      "ms_per_iter": 1000 * dt, "tokens_per_s": tokens_per_iter / dt}
+            if peak:
+                record["mfu"] = flops_per_iter / dt / peak
+            print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""))
+            log(record)
+
+    if master:
+        if cfg["eval_interval"] <= 0:
+            checkpoint()
+        metrics_file.close()
+        if run is not None:
+            run.finish()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train(configure(defaults))
