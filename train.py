@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import GPT, GPTConfig, autocast_context, doc_ids_from_eot
+from tokenizer import inline_spec
 
 defaults = dict(
     # I/O
@@ -276,6 +277,7 @@ def train(cfg):
                                       and k in torch.cuda.get_device_name(device)), 0.0)
     flops_per_iter = raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter
     bytes_per_token = batches.meta.get("bytes_per_token")
+    tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
     stop_at = cfg["max_iters"] if cfg["stop_at_iter"] < 0 else min(cfg["stop_at_iter"], cfg["max_iters"])
 
     metrics_file, run = None, None
@@ -304,7 +306,7 @@ def train(cfg):
             save_checkpoint({"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                              "config": cfg, "optimizer": optimizer.state_dict(), "iter_num": iter_num,
                              "best_val_loss": best_val_loss, "loss_ema": loss_ema, "rng": rng,
-                             "tokenizer": batches.meta.get("tokenizer"), "data_meta": batches.meta},
+                             "tokenizer": tokenizer, "data_meta": batches.meta},
                             cfg["out_dir"])
 
     bad_steps, t_last, iters_timed = 0, time.perf_counter(), 0

