@@ -278,8 +278,8 @@ def filter_reason(text, cfg):
     words = WORD.findall(text.lower())
     if not words or len(set(words)) / len(words) < cfg["min_unique_word_ratio"]:
         return "min_unique_word_ratio"
-    visible = sum(1 for c in text if not c.isspace())
-    if sum(1 for c in text if c.isalpha()) / max(1, visible) < cfg["min_alpha_ratio"]:
+    visible = len(text) - sum(map(str.isspace, text))
+    if sum(map(str.isalpha, text)) / max(1, visible) < cfg["min_alpha_ratio"]:
         return "min_alpha_ratio"
     if cfg["max_dup_line_frac"] and dup_line_frac(text) > cfg["max_dup_line_frac"]:
         return "max_dup_line_frac"
@@ -386,18 +386,24 @@ def apply_mix(docs_by_source, epochs, rng):
 # ----------------------------------------------------------------------------- tokenizing and writing
 
 
-_enc = None
+_enc = _eot = None  # each worker process's tokenizer
 
 
 def _init_worker(spec):
-    global _enc
+    global _enc, _eot
     _enc = load_tokenizer(spec)
+    _eot = eot_token(_enc)
 
 
 def _encode(texts):
-    eot = eot_token(_enc)
-    ids = _enc.encode_ordinary_batch(texts)
-    return np.concatenate([np.array(x + [eot], dtype=np.uint16) for x in ids])
+    ids = _enc.encode_ordinary_batch(texts, num_threads=1)  # parallelism comes from the processes
+    out = np.empty(sum(map(len, ids)) + len(ids), dtype=np.uint16)
+    pos = 0
+    for x in ids:
+        out[pos:pos + len(x)] = x
+        out[pos + len(x)] = _eot
+        pos += len(x) + 1
+    return out
 
 
 def write_tokens(texts, path, spec, workers, desc):
@@ -416,12 +422,8 @@ def write_tokens(texts, path, spec, workers, desc):
 
 def build_tokenizer(cfg, train_docs, weights, tmp_dir):
     """The tokenizer spec for meta.json (a trained BPE is saved next to it)."""
-    if cfg["tokenizer"] in ("gpt2", "bytes"):
-        if cfg["tokenizer"] == "bytes":
-            return {"kind": "bytes"}  # no <|endoftext|>: documents are just concatenated
-        return {"kind": "gpt2"}
     if cfg["tokenizer"] != "bpe":
-        sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
+        return {"kind": cfg["tokenizer"]}
     t0 = time.time()
     ranks = train_bpe(count_chunks(train_docs, weights), cfg["vocab_size"])
     spec = bpe_spec(ranks, vocab_size=cfg["vocab_size"])
@@ -430,12 +432,7 @@ def build_tokenizer(cfg, train_docs, weights, tmp_dir):
     return {"kind": "bpe", "path": "tokenizer.bpe"}
 
 
-def main():
-    cfg = configure(defaults)
-    t_start = time.time()
-    out_dir = cfg["out_dir"].rstrip("/")
-    if os.path.exists(out_dir) and not cfg["overwrite"]:
-        sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
+def check_config(cfg):
     if cfg["vocab_size"] > MAX_VOCAB:
         sys.exit(f"vocab_size={cfg['vocab_size']} does not fit uint16 token files (at most {MAX_VOCAB})")
     if cfg["language"] not in STOPWORDS:
@@ -444,35 +441,37 @@ def main():
         sys.exit(f"num_perm={cfg['num_perm']} must be a multiple of bands={cfg['bands']}")
     if cfg["on_error"] not in ("raise", "skip"):
         sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
+    if cfg["tokenizer"] not in ("bpe", "gpt2", "bytes"):
+        sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
 
-    # read and clean, one document id and text per entry, source by source in config order
+
+def read_all(cfg):
+    """Every source's documents, cleaned: (texts, source name of each, read statistics)."""
     stats = Counter()
     docs, sources = [], []
     for name, where in cfg["sources"].items():
-        default_markup = EMBEDDED_MARKUP.get(where.split(":", 1)[1], "none") if where.startswith("embedded:") \
-            else None
-        markup = cfg["markup"].get(name, default_markup)
+        embedded = where.split(":", 1)[1] if where.startswith("embedded:") else None
+        markup = cfg["markup"].get(name, EMBEDDED_MARKUP.get(embedded, "none") if embedded else None)
         for doc_id, text in tqdm(read_source(where, cfg, stats), desc=f"read {name}", unit=" docs"):
             m = markup or EXT_MARKUP.get(os.path.splitext(doc_id.split(":")[0])[1].lower(), "none")
             docs.append(clean(text, m))
             sources.append(name)
-    print(f"read {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f}M characters")
+    return docs, sources, dict(stats)
 
-    # rule filters: count and keep a few examples of what each rule removed
+
+def apply_filters(docs, cfg):
+    """Indices of the documents that pass every rule, and per rule the count and a few examples removed."""
     removed = defaultdict(list)
     keep = []
     for i, text in enumerate(tqdm(docs, desc="filter", unit=" docs")):
         reason = filter_reason(text, cfg)
-        if reason:
-            removed[reason].append(i)
-        else:
-            keep.append(i)
-    filter_report = {r: {"removed": len(ix), "examples": [docs[i][:160] for i in ix[:3]]} for r, ix in removed.items()}
-    for r, rep in filter_report.items():
-        print(f"  filter {r}: removed {rep['removed']}, e.g. {rep['examples'][0][:70]!r}")
+        (removed[reason] if reason else keep).append(i)
+    return keep, {r: {"removed": len(ix), "examples": [docs[i][:160] for i in ix[:3]]} for r, ix in removed.items()}
 
-    # deduplication: exact, then near (MinHash + LSH); the first of each cluster stays
-    dedup = {"exact": 0, "near": 0}
+
+def deduplicate(docs, keep, cfg):
+    """keep minus exact duplicates (normalized text hash), then minus near duplicates (MinHash + LSH)."""
+    counts = {"exact": 0, "near": 0}
     if cfg["dedup_exact"]:
         seen, unique = set(), []
         for i in keep:
@@ -480,37 +479,68 @@ def main():
             if key not in seen:
                 seen.add(key)
                 unique.append(i)
-        dedup["exact"] = len(keep) - len(unique)
+        counts["exact"] = len(keep) - len(unique)
         keep = unique
     if cfg["dedup_near"] and keep:
         drop = near_duplicates([docs[i] for i in keep], cfg)
-        dedup["near"] = len(drop)
+        counts["near"] = len(drop)
         keep = [i for j, i in enumerate(keep) if j not in drop]
-    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {len(keep):,} left")
-    if not keep:
-        sys.exit("no documents left after filtering and deduplication")
+    return keep, counts
 
-    # split by document, then mix the train split
+
+def split_and_mix(docs, sources, keep, cfg):
+    """Seeded split by document; the train split is mixed across sources and shuffled.
+    Returns (train texts, val texts, unique train texts by source, epochs by source)."""
     rng = np.random.default_rng(cfg["seed"])
     is_val = rng.random(len(keep)) < cfg["val_fraction"]
     val = [docs[i] for i, v in zip(keep, is_val) if v]
-    train_by_source = defaultdict(list)
+    by_source = defaultdict(list)
     for i, v in zip(keep, is_val):
         if not v:
-            train_by_source[sources[i]].append(docs[i])
-    if not val or not train_by_source:
+            by_source[sources[i]].append(docs[i])
+    if not val or not by_source:
         sys.exit(f"val_fraction={cfg['val_fraction']} leaves an empty split of {len(keep)} documents")
-    sizes = {s: sum(map(len, d)) for s, d in train_by_source.items()}
+    sizes = {s: sum(map(len, d)) for s, d in by_source.items()}
     epochs = mix_plan(sizes, cfg["mix_weights"], cfg["mix_temperature"], sum(sizes.values()))
-    train = apply_mix(train_by_source, epochs, rng)
-    train = [train[i] for i in rng.permutation(len(train))]
+    train = apply_mix(by_source, epochs, rng)
+    return [train[i] for i in rng.permutation(len(train))], val, dict(by_source), epochs
+
+
+def main():
+    cfg = configure(defaults)
+    check_config(cfg)
+    out_dir = cfg["out_dir"].rstrip("/")
+    if os.path.exists(out_dir) and not cfg["overwrite"]:
+        sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
+    timings, t = {}, time.time()
+
+    def lap(stage):
+        nonlocal t
+        timings[stage] = round(time.time() - t, 2)
+        t = time.time()
+
+    docs, sources, read_stats = read_all(cfg)
+    lap("read_and_clean")
+    print(f"read {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f}M characters")
+    keep, filter_report = apply_filters(docs, cfg)
+    lap("filter")
+    for r, rep in filter_report.items():
+        print(f"  filter {r}: removed {rep['removed']}, e.g. {rep['examples'][0][:70]!r}")
+    keep, dedup = deduplicate(docs, keep, cfg)
+    lap("dedup")
+    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {len(keep):,} left")
+    if not keep:
+        sys.exit("no documents left after filtering and deduplication")
+    train, val, by_source, epochs = split_and_mix(docs, sources, keep, cfg)
+    lap("split_and_mix")
 
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
     os.makedirs(tmp_dir)
     try:
-        unique_train = [d for ds in train_by_source.values() for d in ds]
-        weights = [epochs[s] for s, ds in train_by_source.items() for _ in ds]
+        unique_train = [d for ds in by_source.values() for d in ds]
+        weights = [epochs[s] for s, ds in by_source.items() for _ in ds]
         spec = build_tokenizer(cfg, unique_train, weights, tmp_dir)
+        lap("tokenizer")
         enc = load_tokenizer(spec, tmp_dir)
         if enc.n_vocab > MAX_VOCAB + 1:
             sys.exit(f"tokenizer '{cfg['tokenizer']}' has {enc.n_vocab} tokens, more than uint16 can hold")
@@ -518,14 +548,16 @@ def main():
         inline = inline_spec(spec, tmp_dir)
         n_train = write_tokens(train, os.path.join(tmp_dir, "train.bin"), inline, workers, "tokenize train")
         n_val = write_tokens(val, os.path.join(tmp_dir, "val.bin"), inline, workers, "tokenize val")
-        val_bytes = sum(len(d.encode("utf-8")) for d in val)
-        mix = {s: {"documents": len(train_by_source[s]), "chars": sizes[s], "epochs": round(epochs[s], 4),
+        lap("tokenize")
+        sizes = {s: sum(map(len, ds)) for s, ds in by_source.items()}
+        mix = {s: {"documents": len(by_source[s]), "chars": sizes[s], "epochs": round(epochs[s], 4),
                    "share": round(epochs[s] * sizes[s] / sum(sizes.values()), 4)} for s in sizes}
         meta = {"kind": "pretrain", "vocab_size": enc.n_vocab, "tokenizer": spec,
                 "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
-                "bytes_per_token": val_bytes / n_val, "train_tokens": n_train, "val_tokens": n_val,
-                "train_documents": len(train), "val_documents": len(val), "mix": mix,
-                "filters": filter_report, "dedup": dedup, "read": dict(stats), "config": cfg}
+                "bytes_per_token": sum(len(d.encode("utf-8")) for d in val) / n_val,
+                "train_tokens": n_train, "val_tokens": n_val, "train_documents": len(train),
+                "val_documents": len(val), "mix": mix, "filters": filter_report, "dedup": dedup,
+                "read": read_stats, "seconds": timings, "config": cfg}
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(out_dir):  # overwrite=True: the old directory goes only once the new one is whole
@@ -535,8 +567,9 @@ def main():
         shutil.rmtree(tmp_dir, ignore_errors=True)
     for s, m in mix.items():
         print(f"  mix {s}: {m['documents']} docs, {m['chars'] / 1e6:.2f}M chars, x{m['epochs']:.2f} -> {m['share']:.1%}")
-    print(f"wrote {out_dir}: {n_train:,} train and {n_val:,} val tokens, {meta['bytes_per_token']:.2f} bytes/token, "
-          f"vocab {enc.n_vocab}, in {time.time() - t_start:.1f}s")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {sum(timings.values()):.1f}")
+    print(f"wrote {out_dir}: {n_train:,} train and {n_val:,} val tokens, {meta['bytes_per_token']:.2f} "
+          f"bytes/token, vocab {enc.n_vocab}")
 
 
 if __name__ == "__main__":

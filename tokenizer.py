@@ -1,7 +1,7 @@
 """
 Tokenizers as tiktoken Encodings (fast encoding in Rust), described by a small `spec` dict that travels
 in meta.json and checkpoints so every stage rebuilds the exact same tokenizer:
-  {"kind": "bytes"}                 one token per byte, vocab 256, no special tokens
+  {"kind": "bytes"}                 one token per byte; the special tokens follow as 256-259
   {"kind": "gpt2"}                  GPT-2's BPE: tiktoken's r50k_base ranks (offline cache: see README)
   {"kind": "bpe", "path": FILE}     a BPE trained here by train_bpe() and saved by save_bpe()
   {"kind": "bpe", "pattern", "ranks", "special_tokens"}   the same, inline (how checkpoints carry it)
@@ -131,8 +131,8 @@ def load_tokenizer(spec, base_dir="."):
     spec = inline_spec(spec, base_dir)
     kind = spec.get("kind")
     if kind == "bytes":
-        return tiktoken.Encoding("bytes", pat_str=r"[\s\S]", special_tokens={},
-                                 mergeable_ranks={bytes([i]): i for i in range(256)})
+        return tiktoken.Encoding("bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
     if kind == "gpt2":  # r50k_base is GPT-2's BPE in one ranks file, which tiktoken caches (README)
         return tiktoken.get_encoding("r50k_base")
     if kind == "bpe":
