@@ -339,13 +339,19 @@ def train(cfg):
         if ddp:
             dist.all_reduce(count)
         step_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            if ddp:  # all-reduce gradients only after the last micro-batch
-                model.require_backward_grad_sync = i == accum - 1
-            with ctx:
-                loss = loss_fn(model, batch) / count * world  # DDP averages gradients over ranks; this undoes that
-            loss.backward()
-            step_loss += loss.detach() / world
+        try:
+            for i, batch in enumerate(micro):
+                if ddp:  # all-reduce gradients only after the last micro-batch
+                    model.require_backward_grad_sync = i == accum - 1
+                with ctx:
+                    loss = loss_fn(model, batch) / count * world  # DDP averages gradients over ranks; undo it
+                loss.backward()
+                step_loss += loss.detach() / world
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            fail(f"a micro-batch of batch_size={cfg['batch_size']} x block_size={cfg['block_size']} does not fit "
+                 f"in memory on {device}: lower batch_size and raise gradient_accumulation_steps")
         if ddp:
             dist.all_reduce(step_loss)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))

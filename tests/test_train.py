@@ -180,3 +180,14 @@ def test_resume_with_other_model_refuses_and_keeps_checkpoint(tiny_data):
                    "--init_from=resume", "--max_iters=4", "--n_embd=64")
     assert r.returncode != 0 and "n_embd=64 here but 32 in the checkpoint" in r.stderr
     assert (tiny_data / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_out_of_memory_names_the_batch(tiny_data, monkeypatch, capsys):
+    def too_big(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, too_big))
+    with pytest.raises(SystemExit):
+        train.train(in_process_config(tiny_data, eval_interval=0))
+    err = capsys.readouterr().err
+    assert "batch_size=4 x block_size=32 does not fit in memory" in err
+    assert not os.path.exists(tiny_data / "out" / "ckpt.pt")
