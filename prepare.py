@@ -27,7 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure
-from tokenizer import MAX_VOCAB, bpe_spec, count_chunks, eot_token, inline_spec, load_tokenizer, save_bpe, train_bpe
+from tokenizer import (MAX_VOCAB, bpe_spec, count_chunks, eot_token, inline_spec, load_tokenizer, render_chat,
+                       save_bpe, train_bpe)
 
 defaults = dict(
     out_dir="data/demo",
@@ -63,6 +64,15 @@ defaults = dict(
     val_fraction=0.05,
     seed=1337,
     num_workers=0,              # tokenizer processes; 0 = one per CPU
+    # kind='sft': chat examples from .json/.jsonl files (Alpaca, ShareGPT/Vicuna or OpenAI messages
+    # records) or 'embedded:tasks' (the verifiable tasks of tasks.py), rendered with the chat template
+    kind="pretrain",            # 'pretrain' | 'sft'
+    tokenizer_from="data/demo",  # sft: the prepared dataset or checkpoint whose tokenizer to use
+    block_size=512,             # sft: longest example, in tokens (training positions)
+    task_examples=4000,         # sft from embedded:tasks: train examples; val gets a tenth, held out
+    tasks=[],                   # sft from embedded:tasks: task names (see tasks.TASKS); [] = all
+    convert="",                 # a file of Alpaca/ShareGPT records to rewrite as messages JSONL ...
+    convert_out="",             # ... into this file, then exit
 )
 
 # ----------------------------------------------------------------------------- reading sources
@@ -432,6 +442,187 @@ def build_tokenizer(cfg, train_docs, weights, tmp_dir):
     return {"kind": "bpe", "path": "tokenizer.bpe"}
 
 
+# ----------------------------------------------------------------------------- instruction data (kind='sft')
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+def to_messages(record):
+    """An Alpaca, ShareGPT/Vicuna or OpenAI-messages record as [{role, content}], checked: known roles,
+    no empty turn, ends with an assistant turn. Raises ValueError saying what is wrong."""
+    if "messages" in record:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    elif "conversations" in record or "conversation" in record:
+        msgs = []
+        for turn in record.get("conversations", record.get("conversation")):
+            if "from" in turn:
+                if turn["from"] not in SHAREGPT_ROLES:
+                    raise ValueError(f"unknown role '{turn['from']}'")
+                msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+            else:
+                msgs.append({"role": turn["role"], "content": turn["content"]})
+    elif "instruction" in record:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        msgs = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + \
+            [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
+    else:
+        raise ValueError("not an Alpaca (instruction, output), ShareGPT (conversations) or messages record")
+    for m in msgs:
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown role '{m['role']}'")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise ValueError(f"empty {m['role']} turn")
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise ValueError("the conversation does not end with an assistant turn")
+    return msgs
+
+
+def from_messages(msgs, fmt):
+    """The inverse of to_messages for 'sharegpt', and for 'alpaca' where a record can hold the
+    conversation (one user and one assistant turn, an optional system prompt; the input field is
+    folded into the instruction, so it comes back empty)."""
+    if fmt == "sharegpt":
+        names = {"user": "human", "assistant": "gpt", "system": "system"}
+        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}
+    system = [m["content"] for m in msgs if m["role"] == "system"]
+    turns = [m for m in msgs if m["role"] != "system"]
+    if len(turns) != 2 or len(system) > 1:
+        raise ValueError("Alpaca holds one instruction and one output")
+    return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"],
+            **({"system": system[0]} if system else {})}
+
+
+def read_records(path):
+    """(location, record) from a JSON array file ('file[i]') or a JSONL file ('file:line')."""
+    text, _ = read_bytes_as_text(path)
+    if path.endswith(".jsonl"):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield f"{path}:{lineno}", line
+        return
+    try:
+        records = json.loads(text)
+    except ValueError as e:
+        sys.exit(f"{path}: not valid JSON ({e})")
+    if not isinstance(records, list):
+        sys.exit(f"{path}: expected a JSON array of records")
+    for i, r in enumerate(records):
+        yield f"{path}[{i}]", r
+
+
+def conversations(cfg, split_seed):
+    """{'train': [...], 'val': [...]} lists of (location, messages) from every source."""
+    out = {"train": [], "val": []}
+    rng = np.random.default_rng(split_seed)
+    for name, where in cfg["sources"].items():
+        if where == "embedded:tasks":
+            import tasks
+            for split, n in (("train", cfg["task_examples"]), ("val", max(1, cfg["task_examples"] // 10))):
+                out[split] += [(f"tasks:{split}:{i}", ex["messages"])
+                               for i, ex in enumerate(tasks.make_examples(n, split, cfg["seed"],
+                                                                          cfg["tasks"] or tuple(tasks.TASKS)))]
+            continue
+        paths = sorted(glob.glob(where)) or sys.exit(f"source '{where}' matches no files")
+        for path in paths:
+            for loc, rec in read_records(path):
+                split = "val" if rng.random() < cfg["val_fraction"] else "train"
+                out[split].append((loc, rec))
+    return out
+
+
+def render_examples(items, enc, cfg, skipped):
+    """(ids, mask) per conversation; a bad one stops the run naming its location, or is counted."""
+    examples = []
+    for loc, rec in items:
+        try:
+            if isinstance(rec, str):
+                rec = json.loads(rec)
+            msgs = rec if isinstance(rec, list) else to_messages(rec)
+            ids, mask = render_chat(enc, msgs)
+            if len(ids) - 1 > cfg["block_size"]:
+                raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            if cfg["on_error"] != "skip":
+                sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such examples)")
+            skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
+            continue
+        examples.append((ids, mask))
+    return examples
+
+
+def tokenizer_of(path):
+    """The inline tokenizer spec of a prepared dataset (its meta.json) or of a checkpoint."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "meta.json")) as f:
+            return inline_spec(json.load(f)["tokenizer"], path)
+    ckpt = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if os.path.isfile(ckpt):
+        import torch
+        return torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
+    sys.exit(f"tokenizer_from='{path}' is neither a prepared dataset nor a checkpoint")
+
+
+def write_sft_split(examples, tmp_dir, split):
+    """tokens (uint16), loss mask (uint8) and int64 offsets: example i is [idx[i], idx[i+1])."""
+    ids = np.array([t for e in examples for t in e[0]], dtype=np.uint16)
+    mask = np.array([m for e in examples for m in e[1]], dtype=np.uint8)
+    offsets = np.cumsum([0] + [len(e[0]) for e in examples], dtype=np.int64)
+    ids.tofile(os.path.join(tmp_dir, f"{split}.bin"))
+    mask.tofile(os.path.join(tmp_dir, f"{split}.mask.bin"))
+    offsets.tofile(os.path.join(tmp_dir, f"{split}.idx"))
+    return {"examples": len(examples), "tokens": int(len(ids)), "assistant_tokens": int(mask.sum())}
+
+
+def prepare_sft(cfg, out_dir):
+    spec = tokenizer_of(cfg["tokenizer_from"])
+    enc = load_tokenizer(spec)
+    items = conversations(cfg, cfg["seed"])
+    skipped = Counter()
+    examples = {split: render_examples(items[split], enc, cfg, skipped) for split in ("train", "val")}
+    if not examples["train"] or not examples["val"]:
+        sys.exit(f"no {'train' if not examples['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    os.makedirs(tmp_dir)
+    try:
+        counts = {split: write_sft_split(examples[split], tmp_dir, split) for split in ("train", "val")}
+        if "ranks" in spec:  # a trained BPE travels as a file beside meta.json, as for pretraining data
+            save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
+            spec = {"kind": "bpe", "path": "tokenizer.bpe"}
+        meta = {"kind": "sft", "vocab_size": enc.n_vocab, "tokenizer": spec,
+                "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
+                **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
+                "skipped": dict(skipped), "config": cfg}
+        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        replace_dir(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"wrote {out_dir}: " + ", ".join(f"{s} {c['examples']} examples ({c['assistant_tokens']:,} of "
+                                            f"{c['tokens']:,} tokens trained on)" for s, c in counts.items())
+          + (f"; skipped {dict(skipped)}" if skipped else ""))
+
+
+def convert_file(cfg):
+    """--convert=IN --convert_out=OUT: Alpaca/ShareGPT/messages records of IN as messages JSONL."""
+    with open(cfg["convert_out"], "w") as out:
+        for loc, rec in read_records(cfg["convert"]):
+            try:
+                msgs = to_messages(json.loads(rec) if isinstance(rec, str) else rec)
+            except (ValueError, KeyError, TypeError) as e:
+                sys.exit(f"{loc}: {e}")
+            out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    print(f"wrote {cfg['convert_out']}")
+
+
+def replace_dir(tmp_dir, out_dir):
+    """Move the finished tmp_dir to out_dir; an old out_dir (overwrite=True) goes only now."""
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp_dir, out_dir)
+
+
 def check_config(cfg):
     if cfg["vocab_size"] > MAX_VOCAB:
         sys.exit(f"vocab_size={cfg['vocab_size']} does not fit uint16 token files (at most {MAX_VOCAB})")
@@ -441,6 +632,8 @@ def check_config(cfg):
         sys.exit(f"num_perm={cfg['num_perm']} must be a multiple of bands={cfg['bands']}")
     if cfg["on_error"] not in ("raise", "skip"):
         sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
+    if cfg["kind"] not in ("pretrain", "sft"):
+        sys.exit(f"kind '{cfg['kind']}' is not one of 'pretrain', 'sft'")
     if cfg["tokenizer"] not in ("bpe", "gpt2", "bytes"):
         sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
 
@@ -508,10 +701,14 @@ def split_and_mix(docs, sources, keep, cfg):
 
 def main():
     cfg = configure(defaults)
+    if cfg["convert"]:
+        return convert_file(cfg)
     check_config(cfg)
     out_dir = cfg["out_dir"].rstrip("/")
     if os.path.exists(out_dir) and not cfg["overwrite"]:
         sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
+    if cfg["kind"] == "sft":
+        return prepare_sft(cfg, out_dir)
     timings, t = {}, time.time()
 
     def lap(stage):
@@ -560,9 +757,7 @@ def main():
                 "read": read_stats, "seconds": timings, "config": cfg}
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(out_dir):  # overwrite=True: the old directory goes only once the new one is whole
-            shutil.rmtree(out_dir)
-        os.rename(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     for s, m in mix.items():

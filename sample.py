@@ -3,6 +3,8 @@ Generate text from a trained checkpoint.
 
     python sample.py --out_dir=out/tiny --start="To be" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0
+    python sample.py --out_dir=out/sft_tiny --chat=True --system="You are terse."   # multi-turn chat
+    python sample.py --out_dir=out/sft_tiny --prompt="What is 2 + 3?" --temperature=0
 """
 import os
 import sys
@@ -12,7 +14,7 @@ import torch
 
 from configurator import configure
 from model import GPT, GPTConfig, autocast_context
-from tokenizer import eot_token, load_tokenizer
+from tokenizer import chat_reply, eot_token, load_tokenizer
 
 defaults = dict(
     out_dir="out",          # directory holding ckpt.pt (or the path of a .pt file)
@@ -25,6 +27,9 @@ defaults = dict(
     seed=1337,
     device="cuda" if torch.cuda.is_available() else "cpu",
     dtype="auto",           # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
+    chat=False,             # interactive multi-turn chat in the chat template (an SFT/DPO model)
+    prompt="",              # one chat turn: print the reply to this user message and exit
+    system="",              # optional system prompt for chat and prompt
 )
 
 
@@ -42,12 +47,40 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
 
 
+def chat(model, enc, cfg, ctx):
+    """A terminal conversation (or the one turn of --prompt); the whole history is the context."""
+    messages = [{"role": "system", "content": cfg["system"]}] if cfg["system"] else []
+    while True:
+        if cfg["prompt"]:
+            user = cfg["prompt"]
+        else:
+            try:
+                user = input("you> ")
+            except EOFError:
+                break
+            if not user.strip():
+                continue
+        messages.append({"role": "user", "content": user})
+        t0 = time.perf_counter()
+        with ctx:
+            reply = chat_reply(model, enc, messages, max_new_tokens=cfg["max_new_tokens"],
+                               temperature=cfg["temperature"], top_k=cfg["top_k"] or None, top_p=cfg["top_p"])[0]
+        n = len(enc.encode(reply, allowed_special="all")) + 1
+        print(reply if cfg["prompt"] else f"model> {reply}")
+        print(f"({n} tokens, {n / (time.perf_counter() - t0):.1f} tokens/s)", file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply})
+        if cfg["prompt"]:
+            break
+
+
 def main():
     cfg = configure(defaults)
     torch.manual_seed(cfg["seed"])
     device = cfg["device"]
     model, enc, _ = load_checkpoint(cfg["out_dir"], device)
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
+    if cfg["chat"] or cfg["prompt"]:
+        return chat(model, enc, cfg, ctx)
     start = cfg["start"]
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:

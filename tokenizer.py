@@ -2,7 +2,8 @@
 Tokenizers as tiktoken Encodings (fast encoding in Rust), described by a small `spec` dict that travels
 in meta.json and checkpoints so every stage rebuilds the exact same tokenizer:
   {"kind": "bytes"}                 one token per byte; the special tokens follow as 256-259
-  {"kind": "gpt2"}                  GPT-2's BPE: tiktoken's r50k_base ranks (offline cache: see README)
+  {"kind": "gpt2"}                  GPT-2's BPE (tiktoken's r50k_base ranks, offline cache: see README);
+                                    the chat tokens follow <|endoftext|> as 50257-50259
   {"kind": "bpe", "path": FILE}     a BPE trained here by train_bpe() and saved by save_bpe()
   {"kind": "bpe", "pattern", "ranks", "special_tokens"}   the same, inline (how checkpoints carry it)
 
@@ -134,7 +135,9 @@ def load_tokenizer(spec, base_dir="."):
         return tiktoken.Encoding("bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
     if kind == "gpt2":  # r50k_base is GPT-2's BPE in one ranks file, which tiktoken caches (README)
-        return tiktoken.get_encoding("r50k_base")
+        base = tiktoken.get_encoding("r50k_base")  # its only special token is <|endoftext|> = 50256
+        return tiktoken.Encoding("gpt2", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                 special_tokens={s: 50256 + i for i, s in enumerate(SPECIAL_TOKENS)})
     if kind == "bpe":
         ranks = {bytes(t): i for i, t in enumerate(spec["ranks"])}
         return tiktoken.Encoding("bpe", pat_str=spec["pattern"], mergeable_ranks=ranks,
@@ -145,3 +148,46 @@ def load_tokenizer(spec, base_dir="."):
 def eot_token(enc):
     """Id of <|endoftext|>, or None for a tokenizer without it (bytes)."""
     return enc.encode_single_token("<|endoftext|>") if "<|endoftext|>" in enc.special_tokens_set else None
+
+
+# ----------------------------------------------------------------------------- the chat template
+
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(enc, messages, generation_prompt=False):
+    """ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message. Returns (ids, mask) where mask is 1
+    exactly on each assistant message's content and its closing <|im_end|>: the tokens the model is
+    trained to produce. With generation_prompt, ends with <|im_start|>assistant\n for the reply.
+    Each piece is encoded on its own, so the mask follows token boundaries exactly."""
+    start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
+    newline = enc.encode_ordinary("\n")
+    ids, mask = [], []
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown role '{m['role']}': one of {ROLES}")
+        header = [start] + enc.encode_ordinary(m["role"] + "\n")
+        body = enc.encode_ordinary(m["content"]) + [end]
+        learn = int(m["role"] == "assistant")
+        ids += header + body + newline
+        mask += [0] * len(header) + [learn] * len(body) + [0] * len(newline)
+    if generation_prompt:
+        header = [start] + enc.encode_ordinary("assistant\n")
+        ids += header
+        mask += [0] * len(header)
+    return ids, mask
+
+
+def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperature=0.0, top_k=None,
+               top_p=None, generator=None):
+    """The model's next assistant message(s) after `messages`: generation stops at <|im_end|>."""
+    import torch  # here, not at the top: prepare.py's tokenizer processes need no torch
+    ids, _ = render_chat(enc, messages, generation_prompt=True)
+    device = next(model.parameters()).device
+    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    end = enc.encode_single_token("<|im_end|>")
+    out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
+    replies = []
+    for row in out[:, min(len(ids), model.config.block_size):].tolist():
+        replies.append(enc.decode(row[:row.index(end)] if end in row else row))
+    return replies

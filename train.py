@@ -135,6 +135,12 @@ class PretrainBatches:
         """How many loss terms the batch holds: the steps' losses are divided by their total."""
         return (batch["targets"] != -100).sum()
 
+    def state(self):
+        return {}  # the position is the shared batch generator's state, saved by train()
+
+    def load_state(self, state):
+        pass
+
     def get(self, split, n, generator):
         data = self.splits[split]
         starts = torch.randint(len(data) - self.block_size, (n,), generator=generator).tolist()
@@ -145,12 +151,86 @@ class PretrainBatches:
         return batch
 
 
+class SFTBatches:
+    """Chat examples (data_dir/{split}.bin, .mask.bin, .idx) packed whole into rows of block_size.
+    Each example predicts only its own next tokens, only where the mask is 1 (the assistant's), and
+    attends only within itself (doc_ids). Train walks a seeded permutation per epoch, so every example
+    is seen once per epoch; the cursor is part of the checkpoint. Val draws examples from the given
+    generator. Padding: <|pad|> tokens with no target, attending among themselves."""
+    kind = "sft"
+
+    def __init__(self, data_dir, cfg):
+        self.meta = read_meta(data_dir, self.kind)
+        self.block_size, self.seed = cfg["block_size"], cfg["seed"]
+        self.pad = self.meta["special_tokens"]["<|pad|>"]
+        self.splits = {}
+        for split in ("train", "val"):
+            tokens = open_tokens(os.path.join(data_dir, f"{split}.bin"), self.meta["vocab_size"], 2)
+            mask = np.memmap(os.path.join(data_dir, f"{split}.mask.bin"), dtype=np.uint8, mode="r")
+            offsets = np.fromfile(os.path.join(data_dir, f"{split}.idx"), dtype=np.int64)
+            if len(mask) != len(tokens) or offsets[-1] != len(tokens):
+                fail(f"'{data_dir}/{split}': tokens, mask and offsets disagree in length")
+            longest = int(np.diff(offsets).max()) - 1
+            if longest > self.block_size:
+                fail(f"'{data_dir}/{split}' has an example of {longest} positions: raise block_size to it")
+            self.splits[split] = (tokens, mask, offsets)
+        self.epoch, self.pos, self.order = 0, 0, self._order(0)
+
+    def _order(self, epoch):
+        n = len(self.splits["train"][2]) - 1
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state):
+        self.epoch, self.pos, self.order = state["epoch"], state["pos"], self._order(state["epoch"])
+
+    def _advance(self):
+        self.pos += 1
+        if self.pos == len(self.order):
+            self.epoch, self.pos, self.order = self.epoch + 1, 0, self._order(self.epoch + 1)
+
+    @staticmethod
+    def count(batch):
+        return (batch["targets"] != -100).sum()
+
+    def get(self, split, n, generator):
+        tokens, mask, offsets = self.splits[split]
+        T = self.block_size
+        idx = torch.full((n, T), self.pad, dtype=torch.long)
+        targets = torch.full((n, T), -100, dtype=torch.long)
+        doc_ids = torch.full((n, T), -1, dtype=torch.long)
+        for row in range(n):
+            used, doc = 0, 0
+            while True:
+                if split == "train":
+                    j = self.order[self.pos]
+                else:
+                    j = int(torch.randint(len(offsets) - 1, (1,), generator=generator))
+                a, b = offsets[j], offsets[j + 1]
+                L = b - a - 1  # positions: each token but the last predicts the next
+                if doc > 0 and used + L > T:
+                    break  # does not fit: it opens the next row
+                if split == "train":
+                    self._advance()
+                t = torch.from_numpy(tokens[a:b].astype(np.int64))
+                m = torch.from_numpy(mask[a + 1:b].astype(bool))
+                idx[row, used:used + L] = t[:-1]
+                targets[row, used:used + L] = torch.where(m, t[1:], -100)
+                doc_ids[row, used:used + L] = doc
+                used, doc = used + L, doc + 1
+                if split == "val":
+                    break  # one example per val row: eval batches stay independent of packing luck
+        return {"idx": idx, "targets": targets, "doc_ids": doc_ids}
+
+
 def next_token_loss(model, batch):
     """Cross-entropy summed over the batch's targets (-100 = not a target)."""
     return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1]
 
 
-MODES = {"pretrain": (PretrainBatches, next_token_loss)}
+MODES = {"pretrain": (PretrainBatches, next_token_loss), "sft": (SFTBatches, next_token_loss)}
 
 
 def to_device(batch, device):
@@ -199,6 +279,10 @@ def save_checkpoint(state, out_dir):
 
 def model_config(cfg, vocab_size, ckpt):
     if ckpt is not None and cfg["init_from"] != "resume":  # fine-tuning: the checkpoint's architecture
+        if cfg["block_size"] > ckpt["model_config"]["block_size"]:
+            fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
+        if vocab_size > ckpt["model_config"]["vocab_size"]:
+            fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
         return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
     # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
     conf = GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), block_size=cfg["block_size"],
@@ -261,6 +345,7 @@ def train(cfg):
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss, loss_ema = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["loss_ema"]
         sampler.set_state(ckpt["rng"]["sampler"])
+        batches.load_state(ckpt["data_state"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -306,6 +391,7 @@ def train(cfg):
             save_checkpoint({"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                              "config": cfg, "optimizer": optimizer.state_dict(), "iter_num": iter_num,
                              "best_val_loss": best_val_loss, "loss_ema": loss_ema, "rng": rng,
+                             "data_state": batches.state(),
                              "tokenizer": tokenizer, "data_meta": batches.meta},
                             cfg["out_dir"])
 

