@@ -135,6 +135,10 @@ class PretrainBatches:
         """How many loss terms the batch holds: the steps' losses are divided by their total."""
         return (batch["targets"] != -100).sum()
 
+    def next_train(self, n, sampler):
+        """The training stream: n random windows from the shared, checkpointed generator."""
+        return self.get("train", n, sampler)
+
     def state(self):
         return {}  # the position is the shared batch generator's state, saved by train()
 
@@ -154,9 +158,9 @@ class PretrainBatches:
 class SFTBatches:
     """Chat examples (data_dir/{split}.bin, .mask.bin, .idx) packed whole into rows of block_size.
     Each example predicts only its own next tokens, only where the mask is 1 (the assistant's), and
-    attends only within itself (doc_ids). Train walks a seeded permutation per epoch, so every example
-    is seen once per epoch; the cursor is part of the checkpoint. Val draws examples from the given
-    generator. Padding: <|pad|> tokens with no target, attending among themselves."""
+    attends only within itself (doc_ids). The training stream walks a seeded permutation per epoch, so
+    every example is seen once per epoch; the cursor is part of the checkpoint. Evaluation draws
+    examples with its own generator. Padding: <|pad|> tokens with no target."""
     kind = "sft"
 
     def __init__(self, data_dir, cfg):
@@ -195,7 +199,15 @@ class SFTBatches:
     def count(batch):
         return (batch["targets"] != -100).sum()
 
+    def next_train(self, n, sampler):
+        """The training stream: the next n rows of the epoch's order."""
+        return self._rows("train", n, None)
+
     def get(self, split, n, generator):
+        """n rows of one example each, drawn by the given generator (evaluation; the stream is untouched)."""
+        return self._rows(split, n, generator)
+
+    def _rows(self, split, n, generator):
         tokens, mask, offsets = self.splits[split]
         T = self.block_size
         idx = torch.full((n, T), self.pad, dtype=torch.long)
@@ -204,7 +216,7 @@ class SFTBatches:
         for row in range(n):
             used, doc = 0, 0
             while True:
-                if split == "train":
+                if generator is None:
                     j = self.order[self.pos]
                 else:
                     j = int(torch.randint(len(offsets) - 1, (1,), generator=generator))
@@ -212,7 +224,7 @@ class SFTBatches:
                 L = b - a - 1  # positions: each token but the last predicts the next
                 if doc > 0 and used + L > T:
                     break  # does not fit: it opens the next row
-                if split == "train":
+                if generator is None:
                     self._advance()
                 t = torch.from_numpy(tokens[a:b].astype(np.int64))
                 m = torch.from_numpy(mask[a + 1:b].astype(bool))
@@ -220,8 +232,8 @@ class SFTBatches:
                 targets[row, used:used + L] = torch.where(m, t[1:], -100)
                 doc_ids[row, used:used + L] = doc
                 used, doc = used + L, doc + 1
-                if split == "val":
-                    break  # one example per val row: eval batches stay independent of packing luck
+                if generator is not None:
+                    break  # eval rows hold one example: the same batches whatever the packing
         return {"idx": idx, "targets": targets, "doc_ids": doc_ids}
 
 
@@ -277,23 +289,25 @@ def save_checkpoint(state, out_dir):
     os.replace(path + ".tmp", path)
 
 
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "hidden_dim", "block_size")
+
+
 def model_config(cfg, vocab_size, ckpt):
-    if ckpt is not None and cfg["init_from"] != "resume":  # fine-tuning: the checkpoint's architecture
-        if cfg["block_size"] > ckpt["model_config"]["block_size"]:
-            fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
-        if vocab_size > ckpt["model_config"]["vocab_size"]:
-            fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
-        return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
-    # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
-    conf = GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), block_size=cfg["block_size"],
-                     **{k: cfg[k] for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "hidden_dim", "dropout")})
-    if ckpt is not None:
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(conf).items()
-                if ckpt["model_config"].get(k) != v and k != "dropout"}
+    """The architecture: from the config when training from scratch, else the checkpoint's."""
+    if ckpt is None:
+        # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
+        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), dropout=cfg["dropout"],
+                         **{k: cfg[k] for k in MODEL_KEYS})
+    if cfg["init_from"] == "resume":  # the run must go on as it was configured
+        diff = [f"{k}={cfg[k]} here but {ckpt['config'][k]} in the checkpoint" for k in MODEL_KEYS
+                if cfg[k] != ckpt["config"][k]]
         if diff:
-            fail("cannot resume: the checkpoint's model differs from this config: " +
-                 ", ".join(f"{k}={a} here but {b} in the checkpoint" for k, (a, b) in diff.items()))
-    return conf
+            fail("cannot resume: this config's model differs from the checkpoint's run: " + ", ".join(diff))
+    if cfg["block_size"] > ckpt["model_config"]["block_size"]:
+        fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
+    if vocab_size > ckpt["model_config"]["vocab_size"]:
+        fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
+    return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
 
 
 def train(cfg):
@@ -395,9 +409,10 @@ def train(cfg):
                              "tokenizer": tokenizer, "data_meta": batches.meta},
                             cfg["out_dir"])
 
-    bad_steps, t_last, iters_timed = 0, time.perf_counter(), 0
+    bad_steps, t_last, iters_timed, start_iter = 0, time.perf_counter(), 0, iter_num
     while True:
-        if cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at):
+        due = cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at)
+        if due and not (iter_num == start_iter > 0):  # a resumed run was evaluated at this iter already
             losses = estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world)
             record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
             if bytes_per_token:
@@ -417,7 +432,7 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # one shared draw of the whole step's micro-batches; this rank takes its slice
-        step = [batches.get("train", cfg["batch_size"], sampler) for _ in range(accum * world)]
+        step = [batches.next_train(cfg["batch_size"], sampler) for _ in range(accum * world)]
         micro = [to_device(b, device) for b in step[rank * accum:(rank + 1) * accum]]
         # every mode's loss is a sum over counted terms; the step's loss is the sum over all micro-batches
         # and ranks divided by the total count, so each term weighs the same however batches are split

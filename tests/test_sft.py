@@ -183,3 +183,28 @@ def test_sft_beats_the_pretrained_model_on_held_out_tasks(tmp_path):
     before = tasks.accuracy(sample.load_checkpoint(str(tmp_path / "pre"))[0], ENC, held_out)
     after = tasks.accuracy(sample.load_checkpoint(str(tmp_path / "sft"))[0], ENC, held_out)
     assert after["all"] >= before["all"] + 0.1, (before, after)
+
+
+def test_sft_exact_resume(tmp_path):
+    """The epoch cursor of the packed examples is saved, so SFT resumes bit for bit too."""
+    import tasks
+    data = tmp_path / "data" / "s"
+    data.mkdir(parents=True)
+    examples = tasks.make_examples(30, "train", seed=0, tasks=("add", "count_words"))
+    renders = [render_chat(ENC, ex["messages"]) for ex in examples]
+    for split in ("train", "val"):
+        prepare.write_sft_split(renders, data, split)
+    (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
+                                                "special_tokens": {"<|pad|>": 259}}))
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)),
+                    tmp_path / "init.pt")
+    args = ["--mode=sft", "--dataset=s", f"--data_root={tmp_path}/data", f"--init_from={tmp_path}/init.pt",
+            "--block_size=128", "--batch_size=4", "--max_iters=8", "--eval_interval=4", "--eval_iters=2",
+            "--log_interval=1", "--dtype=float32"]  # 8 steps x 4 rows > 30 examples: crosses an epoch
+    for out, extra in (("straight", []), ("split", ["--stop_at_iter=4"]), ("split", ["--init_from=resume"])):
+        r = run_script("train.py", *args, f"--out_dir={tmp_path}/{out}", *extra)
+        assert r.returncode == 0, r.stderr
+    losses = {out: [m["loss"] for m in read_metrics(tmp_path / out) if "loss" in m] for out in ("straight", "split")}
+    assert len(losses["straight"]) == 8 and losses["split"] == losses["straight"]
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["data_state"]["epoch"] >= 1
