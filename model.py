@@ -175,6 +175,13 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_checkpoint(cls, ckpt, dropout=0.0):
+        """The model a checkpoint dict (train.py's format) describes, with its weights."""
+        model = cls(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
+        model.load_state_dict(ckpt["model"])
+        return model
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)

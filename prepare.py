@@ -66,11 +66,18 @@ defaults = dict(
     num_workers=0,              # tokenizer processes; 0 = one per CPU
     # kind='sft': chat examples from .json/.jsonl files (Alpaca, ShareGPT/Vicuna or OpenAI messages
     # records) or 'embedded:tasks' (the verifiable tasks of tasks.py), rendered with the chat template
-    kind="pretrain",            # 'pretrain' | 'sft'
-    tokenizer_from="data/demo",  # sft: the prepared dataset or checkpoint whose tokenizer to use
-    block_size=512,             # sft: longest example, in tokens (training positions)
+    kind="pretrain",            # 'pretrain' | 'sft' | 'dpo'
+    tokenizer_from="data/demo",  # sft, dpo: the prepared dataset or checkpoint whose tokenizer to use
+    block_size=512,             # sft, dpo: longest example, in tokens (training positions)
     task_examples=4000,         # sft from embedded:tasks: train examples; val gets a tenth, held out
     tasks=[],                   # sft from embedded:tasks: task names (see tasks.TASKS); [] = all
+    # kind='dpo': {prompt, chosen, rejected} records (plain strings, or TRL's conversational form), or
+    # on-policy pairs: answers to the tasks sampled from the SFT checkpoint from_ckpt and judged by
+    # the tasks' checkers (a correct one is chosen, an incorrect one rejected)
+    from_ckpt="",
+    pair_prompts=1000,          # dpo from embedded:tasks: train prompts; val gets a tenth, held out
+    samples_per_prompt=4,
+    sample_temperature=1.0,
     convert="",                 # a file of Alpaca/ShareGPT records to rewrite as messages JSONL ...
     convert_out="",             # ... into this file, then exit
 )
@@ -468,14 +475,41 @@ def to_messages(record):
             [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
     else:
         raise ValueError("not an Alpaca (instruction, output), ShareGPT (conversations) or messages record")
+    return check_turns(msgs, last="assistant")
+
+
+def check_turns(msgs, last):
+    """msgs, if every role is known, no turn is empty and the last turn is `last`'s."""
     for m in msgs:
         if m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"unknown role '{m['role']}'")
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise ValueError(f"empty {m['role']} turn")
-    if not msgs or msgs[-1]["role"] != "assistant":
-        raise ValueError("the conversation does not end with an assistant turn")
+    if not msgs or msgs[-1]["role"] != last:
+        raise ValueError(f"the conversation does not end with a{'n' if last == 'assistant' else ''} {last} turn")
     return msgs
+
+
+def to_pair(record):
+    """(prompt messages, chosen reply, rejected reply) of a preference record: plain strings, or TRL's
+    conversational form (prompt a message list, chosen and rejected one-assistant-message lists)."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in record:
+            raise ValueError(f"missing field '{key}'")
+    prompt = record["prompt"]
+    msgs = check_turns([{"role": "user", "content": prompt}] if isinstance(prompt, str) else
+                       [{"role": m["role"], "content": m["content"]} for m in prompt], last="user")
+    replies = []
+    for key in ("chosen", "rejected"):
+        reply = record[key]
+        if isinstance(reply, list):
+            if len(reply) != 1:
+                raise ValueError(f"'{key}' must hold one assistant message")
+            reply = check_turns([{"role": reply[0]["role"], "content": reply[0]["content"]}], "assistant")[0]["content"]
+        if not isinstance(reply, str) or not reply.strip():
+            raise ValueError(f"empty '{key}' reply")
+        replies.append(reply)
+    return msgs, replies[0], replies[1]
 
 
 def from_messages(msgs, fmt):
@@ -511,45 +545,96 @@ def read_records(path):
         yield f"{path}[{i}]", r
 
 
-def conversations(cfg, split_seed):
-    """{'train': [...], 'val': [...]} lists of (location, messages) from every source."""
+def on_policy_pairs(cfg, model, enc, split, n, stats):
+    """Preference pairs on the tasks' prompts: samples_per_prompt answers from the model, judged by the
+    task's checker; a correct answer is chosen (the reference answer if none was) and an incorrect
+    one rejected. A prompt the model always gets right gives no pair."""
+    import tasks
+    import torch
+    g = torch.Generator().manual_seed(cfg["seed"])
+    pairs = []
+    examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
+    for i, ex in enumerate(tqdm(examples, desc=f"sample {split}", unit=" prompts")):
+        replies = tasks.respond(model, enc, ex["prompt"], num_samples=cfg["samples_per_prompt"],
+                                temperature=cfg["sample_temperature"], max_new_tokens=64, generator=g)
+        good = [r for r in replies if tasks.check(ex["answer"], r)]
+        bad = [r for r in replies if not tasks.check(ex["answer"], r)]
+        stats[f"{split}_correct_samples"] += len(good)
+        if not bad:
+            stats[f"{split}_all_correct"] += 1
+            continue
+        stats[f"{split}_reference_chosen"] += not good
+        pairs.append((f"tasks:{split}:{i}", (ex["messages"][:1], good[0] if good else ex["answer"], bad[0])))
+    return pairs
+
+
+def chat_items(cfg, enc, stats):
+    """{'train': [...], 'val': [...]} of (location, record) from every source: records of files split at
+    random by val_fraction; embedded:tasks gives task examples (sft) or on-policy pairs (dpo) from the
+    tasks' own train and held-out val items."""
     out = {"train": [], "val": []}
-    rng = np.random.default_rng(split_seed)
+    rng = np.random.default_rng(cfg["seed"])
     for name, where in cfg["sources"].items():
         if where == "embedded:tasks":
-            import tasks
-            for split, n in (("train", cfg["task_examples"]), ("val", max(1, cfg["task_examples"] // 10))):
-                out[split] += [(f"tasks:{split}:{i}", ex["messages"])
-                               for i, ex in enumerate(tasks.make_examples(n, split, cfg["seed"],
-                                                                          cfg["tasks"] or tuple(tasks.TASKS)))]
+            n = cfg["task_examples"] if cfg["kind"] == "sft" else cfg["pair_prompts"]
+            if cfg["kind"] == "dpo":
+                model = load_policy(cfg["from_ckpt"])
+            for split, count in (("train", n), ("val", max(1, n // 10))):
+                if cfg["kind"] == "sft":
+                    import tasks
+                    out[split] += [(f"tasks:{split}:{i}", ex["messages"]) for i, ex in enumerate(
+                        tasks.make_examples(count, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS)))]
+                else:
+                    out[split] += on_policy_pairs(cfg, model, enc, split, count, stats)
             continue
         paths = sorted(glob.glob(where)) or sys.exit(f"source '{where}' matches no files")
         for path in paths:
             for loc, rec in read_records(path):
-                split = "val" if rng.random() < cfg["val_fraction"] else "train"
-                out[split].append((loc, rec))
+                out["val" if rng.random() < cfg["val_fraction"] else "train"].append((loc, rec))
     return out
 
 
-def render_examples(items, enc, cfg, skipped):
-    """(ids, mask) per conversation; a bad one stops the run naming its location, or is counted."""
-    examples = []
+def render_sft(enc, rec, cfg):
+    """(ids, mask) of a conversation record (or a message list)."""
+    ids, mask = render_chat(enc, rec if isinstance(rec, list) else to_messages(rec))
+    if len(ids) - 1 > cfg["block_size"]:
+        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1")
+    return ids, mask
+
+
+def render_pair(enc, rec, cfg):
+    """(prompt ids ending in the generation prompt, chosen ids, rejected ids); replies end in <|im_end|>."""
+    msgs, chosen, rejected = rec if isinstance(rec, tuple) else to_pair(rec)
+    prompt, _ = render_chat(enc, msgs, generation_prompt=True)
+    end = enc.encode_single_token("<|im_end|>")
+    c, r = enc.encode_ordinary(chosen) + [end], enc.encode_ordinary(rejected) + [end]
+    if len(prompt) + max(len(c), len(r)) - 1 > cfg["block_size"]:
+        raise ValueError(f"{len(prompt) + max(len(c), len(r))} tokens, longer than block_size={cfg['block_size']} + 1")
+    return prompt, c, r
+
+
+def render_all(items, render, cfg, skipped):
+    """render(record) for each item; a bad record stops the run naming its location, or is counted."""
+    out = []
     for loc, rec in items:
         try:
-            if isinstance(rec, str):
-                rec = json.loads(rec)
-            msgs = rec if isinstance(rec, list) else to_messages(rec)
-            ids, mask = render_chat(enc, msgs)
-            if len(ids) - 1 > cfg["block_size"]:
-                raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1")
+            out.append(render(json.loads(rec) if isinstance(rec, str) else rec))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             if cfg["on_error"] != "skip":
-                sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such examples)")
+                sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such records)")
             skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
-            continue
-        examples.append((ids, mask))
-    return examples
+    return out
+
+
+def load_policy(path):
+    """The model of a checkpoint, to sample from (eval mode, CPU)."""
+    import torch
+    from model import GPT
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        sys.exit(f"from_ckpt='{path}': no checkpoint there (on-policy pairs sample from an SFT model)")
+    return GPT.from_checkpoint(torch.load(file, map_location="cpu", weights_only=True)).eval()
 
 
 def tokenizer_of(path):
@@ -575,33 +660,48 @@ def write_sft_split(examples, tmp_dir, split):
     return {"examples": len(examples), "tokens": int(len(ids)), "assistant_tokens": int(mask.sum())}
 
 
-def prepare_sft(cfg, out_dir):
-    spec = tokenizer_of(cfg["tokenizer_from"])
+def write_dpo_split(pairs, tmp_dir, split):
+    """tokens (uint16) of each pair's prompt, chosen and rejected replies in a row, and an int64 table
+    of (prompt start, chosen start, rejected start, end) per pair."""
+    rows, pos = [], 0
+    for p, c, r in pairs:
+        rows.append((pos, pos + len(p), pos + len(p) + len(c), pos + len(p) + len(c) + len(r)))
+        pos = rows[-1][3]
+    np.array([t for pair in pairs for part in pair for t in part], dtype=np.uint16).tofile(
+        os.path.join(tmp_dir, f"{split}.bin"))
+    np.array(rows, dtype=np.int64).reshape(-1, 4).tofile(os.path.join(tmp_dir, f"{split}.idx"))
+    return {"pairs": len(pairs), "tokens": pos}
+
+
+def prepare_chat(cfg, out_dir):
+    """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template."""
+    spec = tokenizer_of(cfg["from_ckpt"] or cfg["tokenizer_from"])
     enc = load_tokenizer(spec)
-    items = conversations(cfg, cfg["seed"])
-    skipped = Counter()
-    examples = {split: render_examples(items[split], enc, cfg, skipped) for split in ("train", "val")}
-    if not examples["train"] or not examples["val"]:
-        sys.exit(f"no {'train' if not examples['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
+    stats, skipped = Counter(), Counter()
+    items = chat_items(cfg, enc, stats)
+    render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
+    records = {split: render_all(items[split], lambda rec: render(enc, rec, cfg), cfg, skipped)
+               for split in ("train", "val")}
+    if not records["train"] or not records["val"]:
+        sys.exit(f"no {'train' if not records['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
     os.makedirs(tmp_dir)
     try:
-        counts = {split: write_sft_split(examples[split], tmp_dir, split) for split in ("train", "val")}
+        counts = {split: write(records[split], tmp_dir, split) for split in ("train", "val")}
         if "ranks" in spec:  # a trained BPE travels as a file beside meta.json, as for pretraining data
             save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
             spec = {"kind": "bpe", "path": "tokenizer.bpe"}
-        meta = {"kind": "sft", "vocab_size": enc.n_vocab, "tokenizer": spec,
+        meta = {"kind": cfg["kind"], "vocab_size": enc.n_vocab, "tokenizer": spec,
                 "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
                 **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
-                "skipped": dict(skipped), "config": cfg}
+                "skipped": dict(skipped), **({"sampling": dict(stats)} if stats else {}), "config": cfg}
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"wrote {out_dir}: " + ", ".join(f"{s} {c['examples']} examples ({c['assistant_tokens']:,} of "
-                                            f"{c['tokens']:,} tokens trained on)" for s, c in counts.items())
-          + (f"; skipped {dict(skipped)}" if skipped else ""))
+    print(f"wrote {out_dir}: " + ", ".join(f"{s} {c}" for s, c in counts.items())
+          + (f"; sampling {dict(stats)}" if stats else "") + (f"; skipped {dict(skipped)}" if skipped else ""))
 
 
 def convert_file(cfg):
@@ -632,8 +732,8 @@ def check_config(cfg):
         sys.exit(f"num_perm={cfg['num_perm']} must be a multiple of bands={cfg['bands']}")
     if cfg["on_error"] not in ("raise", "skip"):
         sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
-    if cfg["kind"] not in ("pretrain", "sft"):
-        sys.exit(f"kind '{cfg['kind']}' is not one of 'pretrain', 'sft'")
+    if cfg["kind"] not in ("pretrain", "sft", "dpo"):
+        sys.exit(f"kind '{cfg['kind']}' is not one of 'pretrain', 'sft', 'dpo'")
     if cfg["tokenizer"] not in ("bpe", "gpt2", "bytes"):
         sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
 
@@ -707,8 +807,8 @@ def main():
     out_dir = cfg["out_dir"].rstrip("/")
     if os.path.exists(out_dir) and not cfg["overwrite"]:
         sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
-    if cfg["kind"] == "sft":
-        return prepare_sft(cfg, out_dir)
+    if cfg["kind"] in ("sft", "dpo"):
+        return prepare_chat(cfg, out_dir)
     timings, t = {}, time.time()
 
     def lap(stage):

@@ -13,7 +13,7 @@ import time
 import torch
 
 from configurator import configure
-from model import GPT, GPTConfig, autocast_context
+from model import GPT, autocast_context
 from tokenizer import chat_reply, eot_token, load_tokenizer
 
 defaults = dict(
@@ -40,8 +40,7 @@ def load_checkpoint(path, device="cpu"):
         sys.exit(f"checkpoint '{file}' not found")
     try:
         ckpt = torch.load(file, map_location=device, weights_only=True)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model = GPT.from_checkpoint(ckpt)
     except Exception as e:  # truncated, not a checkpoint, or from an incompatible version
         sys.exit(f"checkpoint '{file}' cannot be loaded: {type(e).__name__}: {e}")
     return model.to(device).eval(), load_tokenizer(ckpt["tokenizer"]), ckpt

@@ -61,6 +61,13 @@ defaults = dict(
     # stability: skip the update of a step whose loss is NaN/inf or spikes over the running mean
     spike_factor=4.0,           # a spike is loss > spike_factor * running mean; 0 = off
     max_bad_steps=5,            # this many skipped steps in a row stop the run
+    # mode='dpo': preference optimization against a frozen reference (the init_from checkpoint)
+    loss_type="sigmoid",        # 'sigmoid' (DPO) | 'ipo' | 'hinge' | 'robust' | 'simpo' | 'orpo'
+    beta=0.1,                   # strength of the implicit KL constraint (simpo/orpo: reward scale)
+    label_smoothing=0.0,        # robust: assumed fraction of flipped labels, in [0, 0.5)
+    simpo_gamma=0.5,            # simpo: target reward margin
+    orpo_lambda=0.1,            # orpo: weight of the odds-ratio term
+    ref_from="",                # reference checkpoint; '' = the run's first init_from
     # system
     device="cuda" if torch.cuda.is_available() else "cpu",
     dtype="auto",               # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
@@ -238,11 +245,131 @@ class SFTBatches:
 
 
 def next_token_loss(model, batch):
-    """Cross-entropy summed over the batch's targets (-100 = not a target)."""
-    return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1]
+    """Cross-entropy summed over the batch's targets (-100 = not a target); no extra metrics."""
+    return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1], {}
 
 
-MODES = {"pretrain": (PretrainBatches, next_token_loss), "sft": (SFTBatches, next_token_loss)}
+class PreferenceBatches:
+    """Preference pairs (data_dir/{split}.bin, and .idx: int64 rows of prompt, chosen, rejected, end
+    offsets). A batch of n pairs is 2n rows, the n chosen sequences then the n rejected ones, each the
+    prompt followed by its completion, padded to the longest; only completion tokens are targets."""
+    kind = "dpo"
+
+    def __init__(self, data_dir, cfg):
+        self.meta = read_meta(data_dir, self.kind)
+        self.pad = self.meta["special_tokens"]["<|pad|>"]
+        self.splits = {}
+        for split in ("train", "val"):
+            tokens = open_tokens(os.path.join(data_dir, f"{split}.bin"), self.meta["vocab_size"], 3)
+            spans = np.fromfile(os.path.join(data_dir, f"{split}.idx"), dtype=np.int64).reshape(-1, 4)
+            p, c, r, e = spans.T
+            longest = int(np.maximum(r - p, (c - p) + (e - r)).max())  # prompt + the longer completion
+            if longest - 1 > cfg["block_size"]:
+                fail(f"'{data_dir}/{split}' has a pair of {longest} tokens: raise block_size to {longest - 1}")
+            self.splits[split] = (tokens, spans)
+
+    def next_train(self, n, sampler):
+        return self.get("train", n, sampler)
+
+    def state(self):
+        return {}  # the position is the shared batch generator's state
+
+    def load_state(self, state):
+        pass
+
+    @staticmethod
+    def count(batch):
+        return batch["n_pairs"]
+
+    def get(self, split, n, generator):
+        tokens, spans = self.splits[split]
+        seqs = []
+        for j in torch.randint(len(spans), (n,), generator=generator).tolist():
+            p, c, r, e = spans[j]
+            prompt = tokens[p:c].astype(np.int64)
+            seqs.append((prompt, tokens[c:r].astype(np.int64)))
+            seqs.append((prompt, tokens[r:e].astype(np.int64)))
+        seqs = seqs[0::2] + seqs[1::2]  # chosen first, then rejected
+        T = max(len(a) + len(b) for a, b in seqs) - 1
+        idx = torch.full((2 * n, T), self.pad, dtype=torch.long)
+        targets = torch.full((2 * n, T), -100, dtype=torch.long)
+        for i, (prompt, completion) in enumerate(seqs):
+            t = torch.from_numpy(np.concatenate([prompt, completion]))
+            idx[i, :len(t) - 1] = t[:-1]
+            targets[i, len(prompt) - 1:len(t) - 1] = t[len(prompt):]  # the completion's tokens only
+        return {"idx": idx, "targets": targets, "n_pairs": torch.tensor(n)}
+
+
+def sequence_logps(logits, targets):
+    """Per row: the summed log-probability of its targets, and how many there are (-100 = none)."""
+    mask = targets != -100
+    logp = torch.gather(logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
+    """Per-pair losses and implicit rewards from summed completion log-probs (policy pi, reference ref).
+    Delta = [pi(y_w) - ref(y_w)] - [pi(y_l) - ref(y_l)]; averaged forms divide each log-prob by its length.
+      sigmoid (DPO, Rafailov et al. 2023):  -log sigma(beta * Delta)
+      ipo     (Azar et al. 2023):           (Delta_avg - 1 / (2 beta))^2
+      hinge   (SLiC):                       max(0, 1 - beta * Delta)
+      robust  (label smoothing eps):        [-(1-eps) log sigma(beta Delta) + eps log sigma(-beta Delta)] / (1-2eps)
+      simpo   (Meng et al. 2024, no ref):   -log sigma(beta * (avg pi(y_w) - avg pi(y_l)) - gamma)
+      orpo    (Hong et al. 2024, no ref):   -avg pi(y_w) - lambda log sigma(log-odds(y_w) - log-odds(y_l)),
+              log-odds(y) = a - log(1 - e^a) with a the averaged log-prob
+    Rewards: beta * (pi - ref), or beta * avg pi without a reference."""
+    beta, kind = cfg["beta"], cfg["loss_type"]
+    F = torch.nn.functional
+    avg_c, avg_r = pi_c / len_c, pi_r / len_r
+    if kind in ("simpo", "orpo"):
+        rewards = beta * avg_c, beta * avg_r
+        if kind == "simpo":
+            return -F.logsigmoid(beta * (avg_c - avg_r) - cfg["simpo_gamma"]), rewards
+        log_odds = (avg_c - torch.log1p(-torch.exp(avg_c))) - (avg_r - torch.log1p(-torch.exp(avg_r)))
+        return -avg_c - cfg["orpo_lambda"] * F.logsigmoid(log_odds), rewards
+    delta = (pi_c - ref_c) - (pi_r - ref_r)
+    rewards = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * delta), rewards
+    if kind == "ipo":
+        delta_avg = (avg_c - ref_c / len_c) - (avg_r - ref_r / len_r)
+        return (delta_avg - 1 / (2 * beta)) ** 2, rewards
+    if kind == "hinge":
+        return torch.relu(1 - beta * delta), rewards
+    if kind == "robust":
+        eps = cfg["label_smoothing"]
+        return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps), rewards
+    raise ValueError(f"loss_type '{kind}' is not one of sigmoid, ipo, hinge, robust, simpo, orpo")
+
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class PreferenceLoss:
+    """The DPO family's loss for a batch of pairs, summed over pairs, with the summed metrics TRL logs.
+    The frozen reference (None for the reference-free types) runs in eval mode without gradients."""
+
+    def __init__(self, cfg, reference):
+        self.cfg, self.reference = cfg, reference
+
+    def __call__(self, model, batch):
+        n = batch["idx"].size(0) // 2
+        logits, _ = model(batch["idx"])
+        logps, lengths = sequence_logps(logits, batch["targets"])
+        ref = (None, None)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logps, _ = sequence_logps(self.reference(batch["idx"])[0], batch["targets"])
+            ref = ref_logps[:n], ref_logps[n:]
+        losses, (r_c, r_r) = preference_loss(self.cfg, logps[:n], logps[n:], lengths[:n], lengths[n:], *ref)
+        stats = {"rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(),
+                 "rewards/accuracies": (r_c > r_r).float().sum(), "rewards/margins": (r_c - r_r).sum(),
+                 "logps/chosen": logps[:n].sum(), "logps/rejected": logps[n:].sum()}
+        return losses.sum(), {k: v.detach() for k, v in stats.items()}
+
+
+MODES = {"pretrain": (PretrainBatches, next_token_loss), "sft": (SFTBatches, next_token_loss),
+         "dpo": (PreferenceBatches, PreferenceLoss)}
 
 
 def to_device(batch, device):
@@ -258,16 +385,24 @@ def estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world):
     out = {}
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(cfg["seed"] + 1)
-        sums = torch.zeros(2, device=device)  # loss, count
+        totals = {}  # summed loss, count and the mode's metrics
         for i in range(cfg["eval_iters"]):
             batch = batches.get(split, cfg["batch_size"], g)
             if i % world == rank:
                 batch = to_device(batch, device)
                 with ctx:
-                    sums += torch.stack([loss_fn(model, batch).float(), batches.count(batch).float()])
+                    loss, stats = loss_fn(model, batch)
+                for k, v in {"loss": loss, "count": batches.count(batch), **stats}.items():
+                    totals[k] = totals.get(k, 0) + v.float()
+        keys = sorted(totals)
+        sums = torch.stack([totals[k] for k in keys])
         if world > 1:
             dist.all_reduce(sums)
-        out[split] = (sums[0] / sums[1].clamp(min=1)).item()
+        means = dict(zip(keys, (sums / sums[keys.index("count")].clamp(min=1)).tolist()))
+        out[split] = means.pop("loss")
+        means.pop("count")
+        if split == "val":
+            out.update(means)
     model.train()
     return out
 
@@ -310,6 +445,20 @@ def model_config(cfg, vocab_size, ckpt):
     return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
 
 
+def load_reference(cfg, device):
+    """The frozen reference policy for DPO: ref_from, or the checkpoint the run first started from."""
+    if cfg["loss_type"] in REFERENCE_FREE:
+        return None
+    path = cfg["ref_from"]
+    if not path and cfg["init_from"] == "resume":
+        first = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["config"]
+        path = first["ref_from"] or first["init_from"]
+    path = path or cfg["init_from"]
+    if path in ("scratch", "resume"):
+        fail("mode='dpo' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
+    return GPT.from_checkpoint(read_checkpoint(path)).to(device).eval().requires_grad_(False)
+
+
 def train(cfg):
     # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = "RANK" in os.environ
@@ -339,6 +488,10 @@ def train(cfg):
     if cfg["mode"] not in MODES:
         fail(f"mode '{cfg['mode']}' is not one of {sorted(MODES)}")
     Batches, loss_fn = MODES[cfg["mode"]]
+    if cfg["mode"] == "dpo" and cfg["loss_type"] not in ("sigmoid", "ipo", "hinge", "robust") + REFERENCE_FREE:
+        fail(f"loss_type '{cfg['loss_type']}' is not one of sigmoid, ipo, hinge, robust, simpo, orpo")
+    if not 0 <= cfg["label_smoothing"] < 0.5:
+        fail(f"label_smoothing={cfg['label_smoothing']} must lie in [0, 0.5)")
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
     batches = Batches(data_dir, cfg)
 
@@ -365,6 +518,8 @@ def train(cfg):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     ckpt = None  # free the memory
 
+    if loss_fn is PreferenceLoss:  # the one loss that carries a model of its own
+        loss_fn = PreferenceLoss(cfg, load_reference(cfg, device))
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
@@ -414,14 +569,15 @@ def train(cfg):
         due = cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at)
         if due and not (iter_num == start_iter > 0):  # a resumed run was evaluated at this iter already
             losses = estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world)
-            record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+            record = {"iter": iter_num, "train_loss": losses.pop("train"), "val_loss": losses.pop("val"),
+                      **losses}  # and a mode's own metrics on val (DPO: rewards/..., logps/...)
             if bytes_per_token:
-                record["val_bpb"] = losses["val"] / math.log(2) / bytes_per_token
+                record["val_bpb"] = record["val_loss"] / math.log(2) / bytes_per_token
             if master:
                 print(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "iter"))
             log(record)
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
+            improved = record["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, record["val_loss"])
             if iter_num > 0 and (improved or cfg["always_save_checkpoint"] or iter_num == stop_at < cfg["max_iters"]):
                 checkpoint()
             t_last, iters_timed = time.perf_counter(), 0  # keep eval out of the step timings
@@ -445,7 +601,7 @@ def train(cfg):
                 if ddp:  # all-reduce gradients only after the last micro-batch
                     model.require_backward_grad_sync = i == accum - 1
                 with ctx:
-                    loss = loss_fn(model, batch) / count * world  # DDP averages gradients over ranks; undo it
+                    loss = loss_fn(model, batch)[0] / count * world  # DDP averages gradients over ranks; undo it
                 loss.backward()
                 step_loss += loss.detach() / world
         except (torch.OutOfMemoryError, RuntimeError) as e:

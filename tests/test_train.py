@@ -94,12 +94,12 @@ def nan_on_calls(bad_calls):
     calls = []
 
     def loss_fn(model, batch):
-        loss = train.next_token_loss(model, batch)
+        loss, stats = train.next_token_loss(model, batch)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) in bad_calls:
-                return loss * float("nan")
-        return loss
+                return loss * float("nan"), stats
+        return loss, stats
     return loss_fn
 
 
@@ -135,11 +135,11 @@ def test_loss_spike_is_skipped(tiny_data, monkeypatch):
     calls = []
 
     def spiky(model, batch):
-        loss = train.next_token_loss(model, batch)
+        loss, stats = train.next_token_loss(model, batch)
         if torch.is_grad_enabled():
             calls.append(1)
-            return loss * 10 if len(calls) == 4 else loss
-        return loss
+            return (loss * 10 if len(calls) == 4 else loss), stats
+        return loss, stats
     monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, spiky))
     train.train(in_process_config(tiny_data))
     assert [m["skipped"] for m in read_metrics(tiny_data / "out") if "skipped" in m] == ["spike"]
