@@ -5,6 +5,7 @@ Attention is grouped-query with rotary position embeddings and a KV cache for ge
 The layout follows Llama (rotary rotates the two halves of each head), so weights map 1:1 to it.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,19 @@ class GPT(nn.Module):
         model = cls(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
         return model
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """(model in eval mode, checkpoint dict) from out_dir/ckpt.pt or a .pt path that train.py wrote.
+        Raises FileNotFoundError or ValueError naming the file."""
+        file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint '{file}' not found")
+        try:
+            ckpt = torch.load(file, map_location=device, weights_only=True)
+            return cls.from_checkpoint(ckpt).to(device).eval(), ckpt
+        except Exception as e:  # truncated, not a checkpoint, or from an incompatible version
+            raise ValueError(f"checkpoint '{file}' cannot be loaded: {type(e).__name__}: {e}") from e
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

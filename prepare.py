@@ -629,12 +629,11 @@ def render_all(items, render, cfg, skipped):
 
 def load_policy(path):
     """The model of a checkpoint, to sample from (eval mode, CPU)."""
-    import torch
     from model import GPT
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        sys.exit(f"from_ckpt='{path}': no checkpoint there (on-policy pairs sample from an SFT model)")
-    return GPT.from_checkpoint(torch.load(file, map_location="cpu", weights_only=True)).eval()
+    try:
+        return GPT.load(path)[0]
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"from_ckpt: {e} (on-policy pairs sample from an SFT model)")
 
 
 def tokenizer_of(path):

@@ -6,7 +6,6 @@ Generate text from a trained checkpoint.
     python sample.py --out_dir=out/sft_tiny --chat=True --system="You are terse."   # multi-turn chat
     python sample.py --out_dir=out/sft_tiny --prompt="What is 2 + 3?" --temperature=0
 """
-import os
 import sys
 import time
 
@@ -34,16 +33,12 @@ defaults = dict(
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model, tokenizer, checkpoint dict) from out_dir/ckpt.pt or a .pt path; exits naming a bad file."""
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        sys.exit(f"checkpoint '{file}' not found")
+    """(model, tokenizer, checkpoint dict); exits naming a missing or unreadable file."""
     try:
-        ckpt = torch.load(file, map_location=device, weights_only=True)
-        model = GPT.from_checkpoint(ckpt)
-    except Exception as e:  # truncated, not a checkpoint, or from an incompatible version
-        sys.exit(f"checkpoint '{file}' cannot be loaded: {type(e).__name__}: {e}")
-    return model.to(device).eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
+        model, ckpt = GPT.load(path, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    return model, load_tokenizer(ckpt["tokenizer"]), ckpt
 
 
 def chat(model, enc, cfg, ctx):
@@ -96,7 +91,7 @@ def main():
                                cfg["top_p"], stop_tokens=() if eot is None else (eot,))
         new = y[0, min(len(ids), model.config.block_size):].tolist()
         dt = time.perf_counter() - t0
-        print(start + enc.decode(new))
+        print(start + enc.decode([t for t in new if t < enc.n_vocab]))  # ids past the tokenizer: padding
         print(f"---------------- {len(new)} tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s", file=sys.stderr)
 
 

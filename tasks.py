@@ -134,3 +134,21 @@ def accuracy(model, enc, examples, **kw):
     result = {task: sum(h) / len(h) for task, h in hits.items()}
     result["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))
     return result
+
+
+def choice_examples(n, split, seed):
+    """Multiple-choice items in plain text (no chat template, so base models can be scored too): which
+    book a verse is from and which play a line is from, the answer among 3 other labels of its kind.
+    Dicts {context, choices, label}, the format of a local multiple-choice JSONL."""
+    rng = random.Random(f"{seed}-choice-{split}")
+    kinds = [("Which book of the Bible is this verse from?", verses, sorted({b for b, _ in verses()})),
+             ("Which Shakespeare play is this line from?", play_lines, sorted({t for t, _ in play_lines()}))]
+    out = []
+    for i in range(n):
+        question, items, labels = kinds[i % 2]
+        answer, text = _pick(items(), split, rng)
+        choices = rng.sample([x for x in labels if x != answer], 3) + [answer]
+        rng.shuffle(choices)
+        out.append({"context": f"{text}\n{question} Answer:", "choices": [" " + c for c in choices],
+                    "label": choices.index(answer)})
+    return out

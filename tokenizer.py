@@ -189,5 +189,6 @@ def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperat
     out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
     replies = []
     for row in out[:, min(len(ids), model.config.block_size):].tolist():
-        replies.append(enc.decode(row[:row.index(end)] if end in row else row))
+        row = row[:row.index(end)] if end in row else row
+        replies.append(enc.decode([t for t in row if t < enc.n_vocab]))  # not the vocabulary's padding
     return replies

@@ -151,40 +151,6 @@ def test_loss_is_the_mean_over_all_assistant_tokens_of_the_step(tmp_path):
     assert not math.isclose(logged, (sums[0] / 3 + sums[1] / 40) / 2, abs_tol=1e-3)
 
 
-def test_sft_beats_the_pretrained_model_on_held_out_tasks(tmp_path):
-    """Pretrain a tiny byte-level model on Shakespeare's lines, fine-tune it on the word-count task (the
-    one such a model learns within CI's budget; the demo trains all tasks), and compare greedy
-    exact-match accuracy on 100 held-out lines before and after. Measured here: 0.00 before, 0.24 after."""
-    import tasks
-    text = "\n".join(line for _, line in tasks.play_lines()[:20000]).encode()
-    data = tmp_path / "data"
-    pre = data / "pre"
-    pre.mkdir(parents=True)
-    ids = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
-    ids[:-20000].tofile(pre / "train.bin")
-    ids[-20000:].tofile(pre / "val.bin")
-    (pre / "meta.json").write_text(json.dumps({"kind": "pretrain", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
-                                               "special_tokens": {"<|endoftext|>": 256}}))
-    model_args = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=96", "--block_size=160",
-                  "--batch_size=16", "--dtype=float32", "--eval_iters=2", f"--data_root={data}"]
-    r = run_script("train.py", *model_args, "--dataset=pre", f"--out_dir={tmp_path}/pre", "--max_iters=150",
-                   "--eval_interval=150", "--learning_rate=3e-3")
-    assert r.returncode == 0, r.stderr
-    r = run_script("prepare.py", "--kind=sft", f"--tokenizer_from={pre}", f"--out_dir={data}/sft",
-                   "--sources={'t': 'embedded:tasks'}", "--tasks=['count_words']",
-                   "--task_examples=2000", "--block_size=160")
-    assert r.returncode == 0, r.stderr
-    r = run_script("train.py", *model_args, "--mode=sft", "--dataset=sft", f"--init_from={tmp_path}/pre/ckpt.pt",
-                   f"--out_dir={tmp_path}/sft", "--max_iters=200", "--eval_interval=200", "--learning_rate=3e-3",
-                   "--warmup_iters=10", "--spike_factor=0.0")
-    assert r.returncode == 0, r.stderr
-    import sample
-    held_out = tasks.make_examples(100, "val", seed=5, tasks=("count_words",))
-    before = tasks.accuracy(sample.load_checkpoint(str(tmp_path / "pre"))[0], ENC, held_out)
-    after = tasks.accuracy(sample.load_checkpoint(str(tmp_path / "sft"))[0], ENC, held_out)
-    assert after["all"] >= before["all"] + 0.1, (before, after)
-
-
 def test_sft_exact_resume(tmp_path):
     """The epoch cursor of the packed examples is saved, so SFT resumes bit for bit too."""
     import tasks

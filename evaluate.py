@@ -1,0 +1,251 @@
+"""
+Measure a checkpoint: bits per byte and perplexity on a held-out split, multiple-choice log-likelihood
+accuracy, exact-match accuracy on the verifiable tasks (greedy and sampled), and the diversity of its
+samples. Prints a table and writes out_dir/eval.json.
+
+    python evaluate.py --out_dir=out/sft_tiny
+    python evaluate.py --out_dir=out/tiny --mc_file=hellaswag_val.jsonl --tasks_n=0
+    python evaluate.py "--compare=['out/tiny', 'out/sft_tiny', 'out/dpo_tiny']"   # stages side by side
+    python evaluate.py "--plot=['out/tiny', 'out/dpo_tiny']"       # loss curves to out/*/curves.png
+"""
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import tasks
+from configurator import configure
+from model import GPT, autocast_context
+from tokenizer import load_tokenizer, render_chat
+
+defaults = dict(
+    out_dir="out",              # the checkpoint's directory (eval.json is written there)
+    data="data/demo",           # a prepared pretraining dataset: bits per byte on its val.bin
+    max_tokens=200_000,         # at most this many val tokens for bits per byte (0 = all)
+    mc_file="",                 # JSONL of {context, choices, label}; '' = tasks.choice_examples
+    mc_n=200,                   # multiple-choice items when generated
+    tasks_n=140,                # held-out task prompts for exact match (split evenly over the tasks)
+    tasks=[],                   # task names for exact match ([] = all of tasks.TASKS)
+    samples_n=16,               # sampled replies for the diversity figures
+    compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
+    plot=[],                    # run dirs: draw each metrics.jsonl to RUN/curves.png (needs matplotlib)
+    temperature=1.0,            # for the sampled accuracy and the diversity figures
+    seed=1337,
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="auto",
+)
+
+
+def token_bytes(enc, vocab_size):
+    """UTF-8 length of each token id; special tokens and unused ids count 0 (they are not text)."""
+    n = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(min(vocab_size, enc.n_vocab)):
+        try:
+            n[i] = len(enc.decode_single_token_bytes(i))
+        except KeyError:
+            pass
+    for s in enc.special_tokens_set:
+        n[enc.encode_single_token(s)] = 0
+    return n
+
+
+@torch.no_grad()
+def bits_per_byte(model, enc, ids, device, batch_size=8):
+    """Over non-overlapping windows of block_size+1 tokens, each window's tokens after the first are
+    predicted: bpb = total nats / (ln 2 * total UTF-8 bytes of the predicted tokens), so models with
+    different tokenizers compare; perplexity = exp(nats per predicted token)."""
+    T = model.config.block_size
+    n_win = (len(ids) - 1) // T
+    windows = torch.from_numpy(ids[:n_win * T + 1].astype(np.int64))
+    nbytes = torch.from_numpy(token_bytes(enc, model.config.vocab_size))
+    nats = tokens = text_bytes = 0.0
+    for start in range(0, n_win, batch_size):
+        rows = torch.stack([windows[w * T:(w + 1) * T + 1] for w in range(start, min(n_win, start + batch_size))])
+        x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
+        logits, _ = model(x)
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        tokens += y.numel()
+        text_bytes += nbytes[y.cpu()].sum().item()
+    return {"val_bpb": nats / (math.log(2) * text_bytes), "val_ppl": math.exp(nats / tokens), "val_tokens": int(tokens)}
+
+
+@torch.no_grad()
+def choice_logprob(model, enc, context, choice, device):
+    """Summed log-probability of the choice's tokens after the context."""
+    ctx_ids, ch_ids = enc.encode_ordinary(context), enc.encode_ordinary(choice)
+    ids = (ctx_ids + ch_ids)[-(model.config.block_size + 1):]
+    x = torch.tensor([ids[:-1]], device=device)
+    logp = model(x)[0][0].float().log_softmax(-1)
+    n = len(ch_ids)
+    return logp[-n:].gather(1, torch.tensor(ids[-n:], device=device)[:, None]).sum().item()
+
+
+def multiple_choice(model, enc, items, device):
+    """acc: the choice of highest log-likelihood; acc_norm: of highest log-likelihood per character
+    (HellaSwag's length normalization, which keeps long choices from losing for their length)."""
+    hit = hit_norm = 0
+    for it in items:
+        scores = [choice_logprob(model, enc, it["context"], c, device) for c in it["choices"]]
+        hit += int(np.argmax(scores)) == it["label"]
+        hit_norm += int(np.argmax([s / len(c) for s, c in zip(scores, it["choices"])])) == it["label"]
+    return {"mc_acc": hit / len(items), "mc_acc_norm": hit_norm / len(items), "mc_n": len(items)}
+
+
+def read_choices(path):
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    it = json.loads(line)
+                    if not 0 <= it["label"] < len(it["choices"]) or not isinstance(it["context"], str):
+                        raise ValueError("label out of range")
+                except (ValueError, KeyError, TypeError) as e:
+                    sys.exit(f"{path}:{lineno}: not a {{context, choices, label}} record ({e})")
+                items.append(it)
+    return items
+
+
+@torch.no_grad()
+def diversity(model, enc, prompts, temperature, generator):
+    """distinct-n: unique n-grams / all n-grams over the sampled replies' tokens; entropy: the mean
+    entropy (nats) of the model's next-token distribution at the replies' positions."""
+    grams = {1: [], 2: []}
+    entropies = []
+    for p in prompts:
+        reply = tasks.respond(model, enc, p, temperature=temperature, max_new_tokens=48, generator=generator)[0]
+        ids = enc.encode_ordinary(reply)
+        for n in grams:
+            grams[n] += [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        prompt_ids = render_chat(enc, [{"role": "user", "content": p}], generation_prompt=True)[0]
+        seq = (prompt_ids + ids)[-model.config.block_size:]
+        if ids:
+            logp = model(torch.tensor([seq], device=next(model.parameters()).device))[0][0, -len(ids) - 1:-1]
+            logp = logp.float().log_softmax(-1)
+            entropies += (-(logp.exp() * logp).sum(-1)).tolist()
+    out = {f"distinct_{n}": len(set(g)) / max(1, len(g)) for n, g in grams.items()}
+    out["entropy"] = float(np.mean(entropies)) if entropies else 0.0
+    return out
+
+
+def load(path, device):
+    try:
+        model, ckpt = GPT.load(path, device)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(str(err))
+    return model, load_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+def evaluate(cfg):
+    device = cfg["device"]
+    model, enc, ckpt = load(cfg["out_dir"], device)
+    ctx = autocast_context(cfg["dtype"], device.split(":")[0])
+    g = torch.Generator(device=device).manual_seed(cfg["seed"])
+    results, t0 = {"checkpoint": cfg["out_dir"], "mode": ckpt.get("config", {}).get("mode")}, time.time()
+    with ctx:
+        if cfg["data"]:
+            val = os.path.join(cfg["data"], "val.bin")
+            if not os.path.isfile(val):
+                sys.exit(f"'{val}' not found: --data names a prepared pretraining dataset ('' to skip)")
+            ids = np.memmap(val, dtype=np.uint16, mode="r")
+            results.update(bits_per_byte(model, enc, ids[:cfg["max_tokens"] or len(ids)], device))
+        if cfg["mc_n"] or cfg["mc_file"]:
+            items = read_choices(cfg["mc_file"]) if cfg["mc_file"] else tasks.choice_examples(cfg["mc_n"], "val", cfg["seed"])
+            results.update(multiple_choice(model, enc, items, device))
+        if cfg["tasks_n"]:
+            held_out = tasks.make_examples(cfg["tasks_n"], "val", cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
+            greedy = tasks.accuracy(model, enc, held_out)
+            sampled = tasks.accuracy(model, enc, held_out, temperature=cfg["temperature"], generator=g)
+            results.update({f"exact_{k}": v for k, v in greedy.items()})
+            results["exact_all_sampled"] = sampled["all"]
+        if cfg["samples_n"]:
+            prompts = [ex["prompt"] for ex in tasks.make_examples(cfg["samples_n"], "val", cfg["seed"] + 1)]
+            results.update(diversity(model, enc, prompts, cfg["temperature"], g))
+    results["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(os.path.dirname(cfg["out_dir"]) if cfg["out_dir"].endswith(".pt") else cfg["out_dir"],
+                           "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def final_val_metrics(out_dir):
+    """The last eval record of a run's metrics.jsonl (DPO's held-out reward accuracy lives there)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        evals = [r for r in map(json.loads, f) if "val_loss" in r]
+    return evals[-1] if evals else {}
+
+
+def plot_run(run_dir):
+    """Train loss per logged step, train and val loss per eval, and for DPO runs the held-out reward
+    margins and accuracies, against the iteration: run_dir/curves.png."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plotting needs matplotlib, an optional dependency: pip install matplotlib")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        sys.exit(f"'{path}' not found: --plot takes run directories that train.py wrote")
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r and "skipped" not in r]
+    evals = [r for r in records if "val_loss" in r]
+    dpo = any("rewards/margins" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="train (step)")
+    for key, style in (("train_loss", "o-"), ("val_loss", "s-")):
+        ax.plot([r["iter"] for r in evals], [r[key] for r in evals], style, label=key.replace("_", " "))
+    ax.set(xlabel="iteration", ylabel="loss", title=run_dir)
+    ax.legend()
+    if dpo:
+        ax = axes[0][1]
+        for key in ("rewards/margins", "rewards/accuracies"):
+            ax.plot([r["iter"] for r in evals], [r[key] for r in evals], "o-", label=f"val {key}")
+        ax.set(xlabel="iteration", title="preference rewards (held-out pairs)")
+        ax.legend()
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+ROWS = [("val bits/byte (pretraining text)", "val_bpb"), ("multiple choice acc (norm)", "mc_acc_norm"),
+        ("task exact match, greedy", "exact_all"), ("task exact match, sampled", "exact_all_sampled"),
+        ("reward accuracy, held-out pairs", "rewards/accuracies"), ("distinct-2 of samples", "distinct_2"),
+        ("mean entropy of samples (nats)", "entropy")]
+
+
+def main():
+    cfg = configure(defaults)
+    if cfg["plot"]:
+        for run in cfg["plot"]:
+            print(f"wrote {plot_run(run)}")
+        return
+    if not cfg["compare"]:
+        for k, v in evaluate(cfg).items():
+            print(f"{k:<28}{v:.4f}" if isinstance(v, float) else f"{k:<28}{v}")
+        return
+    columns = [{**evaluate({**cfg, "out_dir": d}), **final_val_metrics(d)} for d in cfg["compare"]]
+    print("\n" + f"{'':<34}" + "".join(f"{d:>16}" for d in cfg["compare"]))
+    for label, key in ROWS:
+        cells = [f"{c[key]:>16.3f}" if isinstance(c.get(key), float) else f"{'-':>16}" for c in columns]
+        print(f"{label:<34}" + "".join(cells))
+    for d, c in zip(cfg["compare"], columns):
+        per_task = ", ".join(f"{k[6:]} {v:.2f}" for k, v in c.items() if k.startswith("exact_") and k[6:] in tasks.TASKS)
+        print(f"{d}: {per_task}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+import tasks
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
+
+ENC = load_tokenizer("bytes")
+
+
+def tiny(block_size=16):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=320, block_size=block_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)).eval()
+
+
+def test_bits_per_byte_by_hand():
+    model = tiny()
+    text = "héllo wörld, naïve café! " * 3  # multi-byte characters: bytes differ from characters
+    ids = np.array(ENC.encode(text + "<|endoftext|>", allowed_special="all"), dtype=np.uint16)
+    got = evaluate.bits_per_byte(model, ENC, ids, "cpu", batch_size=2)
+    nats, n_bytes, n_tokens = 0.0, 0, 0
+    for w in range((len(ids) - 1) // 16):  # the same non-overlapping windows, one at a time
+        x = torch.tensor(ids[w * 16:w * 16 + 16].astype(np.int64))
+        y = torch.tensor(ids[w * 16 + 1:w * 16 + 17].astype(np.int64))
+        logp = F.log_softmax(model(x[None])[0][0], -1)
+        for t, target in enumerate(y.tolist()):
+            nats -= logp[t, target].item()
+            n_bytes += 0 if target == 256 else 1  # <|endoftext|> is not text
+            n_tokens += 1
+    assert got["val_bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
+    assert got["val_ppl"] == pytest.approx(math.exp(nats / n_tokens), rel=1e-5)
+    assert got["val_tokens"] == n_tokens
+
+
+def test_multiple_choice_picks_the_planted_answer():
+    """A model trained on one sentence prefers its true ending, by total and per-character likelihood."""
+    model = tiny(block_size=64).train()
+    ids = torch.tensor(ENC.encode_ordinary("the cat sat on the mat. " * 2))
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    for _ in range(60):
+        _, loss = model(ids[None, :-1], ids[None, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    items = [{"context": "the cat sat on the", "choices": [" dog.", " mat.", " moon tonight."], "label": 1},
+             {"context": "the cat sat", "choices": [" on the mat.", " by it.", " xq."], "label": 0}]
+    assert evaluate.multiple_choice(model, ENC, items, "cpu") == {"mc_acc": 1.0, "mc_acc_norm": 1.0, "mc_n": 2}
+
+
+def test_choice_examples_are_well_formed():
+    items = tasks.choice_examples(20, "val", seed=0)
+    assert all(len(it["choices"]) == 4 and len(set(it["choices"])) == 4 for it in items)
+    assert {it["choices"][it["label"]].strip() for it in items[::2]} <= {b for b, _ in tasks.verses()}
+
+
+def test_evaluate_writes_json_and_rejects_bad_files(tmp_path):
+    model = tiny(block_size=128)
+    torch.save({"model": model.state_dict(), "model_config": model.config.__dict__, "tokenizer": {"kind": "bytes"},
+                "config": {"mode": "sft"}}, tmp_path / "ckpt.pt")
+    cfg = {**evaluate.defaults, "out_dir": str(tmp_path), "data": "", "mc_n": 4, "tasks_n": 7, "samples_n": 2,
+           "device": "cpu", "dtype": "float32"}
+    results = evaluate.evaluate(cfg)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == results and saved["exact_all"] == 0.0 and 0 <= saved["distinct_1"] <= 1
+    assert {"mc_acc", "exact_all_sampled", "entropy"} <= set(saved)
+    (tmp_path / "mc.jsonl").write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
+    with pytest.raises(SystemExit, match="mc.jsonl:1"):
+        evaluate.evaluate({**cfg, "mc_file": str(tmp_path / "mc.jsonl")})
+
+
+def write_metrics(run):
+    run.mkdir()
+    lines = [{"iter": 0, "train_loss": 0.69, "val_loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0}]
+    lines += [{"iter": i, "loss": 0.7 - i / 100} for i in range(1, 11)]
+    lines += [{"iter": 10, "train_loss": 0.6, "val_loss": 0.65, "rewards/margins": 0.2, "rewards/accuracies": 0.7}]
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "run")
+    out = evaluate.plot_run(str(tmp_path / "run"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
+    write_metrics(tmp_path / "run")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        evaluate.plot_run(str(tmp_path / "run"))
