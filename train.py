@@ -445,15 +445,12 @@ def model_config(cfg, vocab_size, ckpt):
     return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
 
 
-def load_reference(cfg, device):
-    """The frozen reference policy for DPO: ref_from, or the checkpoint the run first started from."""
+def load_reference(cfg, run_cfg, device):
+    """The frozen reference policy for DPO: ref_from, or the checkpoint the run first started from
+    (run_cfg: the config the run began with, which a resumed run reads from its checkpoint)."""
     if cfg["loss_type"] in REFERENCE_FREE:
         return None
-    path = cfg["ref_from"]
-    if not path and cfg["init_from"] == "resume":
-        first = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["config"]
-        path = first["ref_from"] or first["init_from"]
-    path = path or cfg["init_from"]
+    path = cfg["ref_from"] or run_cfg["ref_from"] or run_cfg["init_from"]
     if path in ("scratch", "resume"):
         fail("mode='dpo' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
     return GPT.from_checkpoint(read_checkpoint(path)).to(device).eval().requires_grad_(False)
@@ -516,10 +513,11 @@ def train(cfg):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    run_cfg = ckpt["config"] if cfg["init_from"] == "resume" else cfg
     ckpt = None  # free the memory
 
     if loss_fn is PreferenceLoss:  # the one loss that carries a model of its own
-        loss_fn = PreferenceLoss(cfg, load_reference(cfg, device))
+        loss_fn = PreferenceLoss(cfg, load_reference(cfg, run_cfg, device))
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)

@@ -111,7 +111,8 @@ def test_prompt_logps_do_not_matter():
 
 def test_reference_free_types_load_no_reference():
     for kind in train.REFERENCE_FREE:
-        assert train.load_reference({**CFG, "loss_type": kind, "init_from": "no/such/checkpoint.pt"}, "cpu") is None
+        cfg = {**CFG, "loss_type": kind, "init_from": "no/such/checkpoint.pt"}
+        assert train.load_reference(cfg, cfg, "cpu") is None
 
 
 def write_pairs(path, pairs):
