@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch

@@ -12,7 +12,6 @@ import hashlib
 import html
 import importlib.util
 import json
-import math
 import multiprocessing as mp
 import os
 import re
