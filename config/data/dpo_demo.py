@@ -1,0 +1,11 @@
+# On-policy preference pairs for the demo: the SFT model answers each task prompt 4 times at
+# temperature 1; the tasks' checkers judge; a correct answer is chosen, an incorrect one rejected.
+#   python prepare.py config/data/dpo_demo.py          (after config/sft_tiny.py)
+kind = "dpo"
+out_dir = "data/dpo_demo"
+sources = {"tasks": "embedded:tasks"}
+from_ckpt = "out/sft_tiny"
+pair_prompts = 600
+samples_per_prompt = 4
+sample_temperature = 1.0
+block_size = 256
