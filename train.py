@@ -283,13 +283,13 @@ class PreferenceBatches:
 
     def get(self, split, n, generator):
         tokens, spans = self.splits[split]
-        seqs = []
+        chosen, rejected = [], []
         for j in torch.randint(len(spans), (n,), generator=generator).tolist():
             p, c, r, e = spans[j]
             prompt = tokens[p:c].astype(np.int64)
-            seqs.append((prompt, tokens[c:r].astype(np.int64)))
-            seqs.append((prompt, tokens[r:e].astype(np.int64)))
-        seqs = seqs[0::2] + seqs[1::2]  # chosen first, then rejected
+            chosen.append((prompt, tokens[c:r].astype(np.int64)))
+            rejected.append((prompt, tokens[r:e].astype(np.int64)))
+        seqs = chosen + rejected
         T = max(len(a) + len(b) for a, b in seqs) - 1
         idx = torch.full((2 * n, T), self.pad, dtype=torch.long)
         targets = torch.full((2 * n, T), -100, dtype=torch.long)
@@ -339,9 +339,10 @@ def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
     if kind == "robust":
         eps = cfg["label_smoothing"]
         return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps), rewards
-    raise ValueError(f"loss_type '{kind}' is not one of sigmoid, ipo, hinge, robust, simpo, orpo")
+    raise ValueError(f"loss_type '{kind}' is not one of {LOSS_TYPES}")
 
 
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -485,8 +486,8 @@ def train(cfg):
     if cfg["mode"] not in MODES:
         fail(f"mode '{cfg['mode']}' is not one of {sorted(MODES)}")
     Batches, loss_fn = MODES[cfg["mode"]]
-    if cfg["mode"] == "dpo" and cfg["loss_type"] not in ("sigmoid", "ipo", "hinge", "robust") + REFERENCE_FREE:
-        fail(f"loss_type '{cfg['loss_type']}' is not one of sigmoid, ipo, hinge, robust, simpo, orpo")
+    if cfg["mode"] == "dpo" and cfg["loss_type"] not in LOSS_TYPES:
+        fail(f"loss_type '{cfg['loss_type']}' is not one of {LOSS_TYPES}")
     if not 0 <= cfg["label_smoothing"] < 0.5:
         fail(f"label_smoothing={cfg['label_smoothing']} must lie in [0, 0.5)")
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
