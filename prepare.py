@@ -675,6 +675,9 @@ def prepare_chat(cfg, out_dir):
     """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template."""
     spec = tokenizer_of(cfg["from_ckpt"] or cfg["tokenizer_from"])
     enc = load_tokenizer(spec)
+    if enc.max_token_value > np.iinfo(np.uint16).max:
+        sys.exit(f"the tokenizer of '{cfg['from_ckpt'] or cfg['tokenizer_from']}' has ids up to "
+                 f"{enc.max_token_value}: more than uint16 token files can hold")
     stats, skipped = Counter(), Counter()
     items = chat_items(cfg, enc, stats)
     render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
@@ -837,8 +840,8 @@ def main():
         spec = build_tokenizer(cfg, unique_train, weights, tmp_dir)
         lap("tokenizer")
         enc = load_tokenizer(spec, tmp_dir)
-        if enc.n_vocab > MAX_VOCAB + 1:
-            sys.exit(f"tokenizer '{cfg['tokenizer']}' has {enc.n_vocab} tokens, more than uint16 can hold")
+        if enc.max_token_value > np.iinfo(np.uint16).max:
+            sys.exit(f"tokenizer '{cfg['tokenizer']}' has ids up to {enc.max_token_value}: more than uint16 can hold")
         workers = cfg["num_workers"] or os.cpu_count()
         inline = inline_spec(spec, tmp_dir)
         n_train = write_tokens(train, os.path.join(tmp_dir, "train.bin"), inline, workers, "tokenize train")

@@ -5,7 +5,9 @@ in meta.json and checkpoints so every stage rebuilds the exact same tokenizer:
   {"kind": "gpt2"}                  GPT-2's BPE (tiktoken's r50k_base ranks, offline cache: see README);
                                     the chat tokens follow <|endoftext|> as 50257-50259
   {"kind": "bpe", "path": FILE}     a BPE trained here by train_bpe() and saved by save_bpe()
-  {"kind": "bpe", "pattern", "ranks", "special_tokens"}   the same, inline (how checkpoints carry it)
+  {"kind": "bpe", "pattern", "ranks", "special_tokens"}   the same, inline (how checkpoints carry it);
+                                    ranks[i] is token i's bytes, None where a special token sits
+                                    (a tokenizer imported by export.py may interleave them)
 
 The trainer is byte-level BPE as in GPT-2: text is split into chunks by a regex (words, numbers,
 punctuation, whitespace), each chunk starts as its UTF-8 bytes, and the most frequent adjacent pair of
@@ -107,7 +109,7 @@ def bpe_spec(ranks, special_tokens=SPECIAL_TOKENS, vocab_size=None):
 
 
 def save_bpe(spec, path):
-    data = {**spec, "ranks": [base64.b64encode(t).decode("ascii") for t in spec["ranks"]]}
+    data = {**spec, "ranks": [t and base64.b64encode(t).decode("ascii") for t in spec["ranks"]]}
     with open(path, "w") as f:
         json.dump(data, f)
 
@@ -122,7 +124,7 @@ def inline_spec(spec, base_dir="."):
     try:
         with open(path) as f:
             data = json.load(f)
-        return {**data, "ranks": [base64.b64decode(t) for t in data["ranks"]]}
+        return {**data, "ranks": [t and base64.b64decode(t) for t in data["ranks"]]}
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"tokenizer file '{path}' cannot be read: {e}") from e
 
@@ -139,7 +141,7 @@ def load_tokenizer(spec, base_dir="."):
         return tiktoken.Encoding("gpt2", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
                                  special_tokens={s: 50256 + i for i, s in enumerate(SPECIAL_TOKENS)})
     if kind == "bpe":
-        ranks = {bytes(t): i for i, t in enumerate(spec["ranks"])}
+        ranks = {bytes(t): i for i, t in enumerate(spec["ranks"]) if t is not None}
         return tiktoken.Encoding("bpe", pat_str=spec["pattern"], mergeable_ranks=ranks,
                                  special_tokens=spec["special_tokens"], explicit_n_vocab=None)
     raise ValueError(f"unknown tokenizer spec {spec!r}: expected kind 'bytes', 'gpt2' or 'bpe'")
