@@ -496,6 +496,9 @@ def train(cfg):
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        if "optimizer" not in ckpt:  # e.g. one that export.py imported: a start, not a run to go on with
+            fail(f"{cfg['out_dir']}/ckpt.pt holds no training state to resume: start from it with "
+                 f"init_from={cfg['out_dir']}/ckpt.pt")
     elif cfg["init_from"] != "scratch":
         ckpt = read_checkpoint(cfg["init_from"])
     raw_model = GPT(model_config(cfg, batches.meta["vocab_size"], ckpt))
