@@ -635,6 +635,12 @@ def load_policy(path):
         sys.exit(f"from_ckpt: {e} (on-policy pairs sample from an SFT model)")
 
 
+def require_uint16(enc, name):
+    """Token files are uint16: stop, naming the tokenizer, if its ids do not fit."""
+    if enc.max_token_value > np.iinfo(np.uint16).max:
+        sys.exit(f"{name} has ids up to {enc.max_token_value}: more than uint16 token files can hold")
+
+
 def tokenizer_of(path):
     """The inline tokenizer spec of a prepared dataset (its meta.json) or of a checkpoint."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
@@ -675,9 +681,7 @@ def prepare_chat(cfg, out_dir):
     """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template."""
     spec = tokenizer_of(cfg["from_ckpt"] or cfg["tokenizer_from"])
     enc = load_tokenizer(spec)
-    if enc.max_token_value > np.iinfo(np.uint16).max:
-        sys.exit(f"the tokenizer of '{cfg['from_ckpt'] or cfg['tokenizer_from']}' has ids up to "
-                 f"{enc.max_token_value}: more than uint16 token files can hold")
+    require_uint16(enc, f"the tokenizer of '{cfg['from_ckpt'] or cfg['tokenizer_from']}'")
     stats, skipped = Counter(), Counter()
     items = chat_items(cfg, enc, stats)
     render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
@@ -840,8 +844,7 @@ def main():
         spec = build_tokenizer(cfg, unique_train, weights, tmp_dir)
         lap("tokenizer")
         enc = load_tokenizer(spec, tmp_dir)
-        if enc.max_token_value > np.iinfo(np.uint16).max:
-            sys.exit(f"tokenizer '{cfg['tokenizer']}' has ids up to {enc.max_token_value}: more than uint16 can hold")
+        require_uint16(enc, f"tokenizer '{cfg['tokenizer']}'")
         workers = cfg["num_workers"] or os.cpu_count()
         inline = inline_spec(spec, tmp_dir)
         n_train = write_tokens(train, os.path.join(tmp_dir, "train.bin"), inline, workers, "tokenize train")

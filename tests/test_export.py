@@ -149,8 +149,9 @@ def test_import_transformers_llama(tmp_path, shard, vocab, tie):
 
 
 def test_round_trip_is_bitwise(tmp_path, bpe):
+    models = {}
     for name, tie in (("tied", True), ("untied", False)):
-        model = write_checkpoint(tmp_path / name, bpe, tie_embeddings=tie)
+        model = models[name] = write_checkpoint(tmp_path / name, bpe, tie_embeddings=tie)
         export_to(tmp_path / f"hf_{name}", tmp_path / name)
         import_to(tmp_path / f"back_{name}", tmp_path / f"hf_{name}")
         back = torch.load(tmp_path / f"back_{name}" / "ckpt.pt", weights_only=True)
@@ -163,8 +164,7 @@ def test_round_trip_is_bitwise(tmp_path, bpe):
     assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     import_to(tmp_path / "back_bf16", tmp_path / "hf_bf16")
     back = torch.load(tmp_path / "back_bf16" / "ckpt.pt", weights_only=True)["model"]
-    tied = write_checkpoint(tmp_path / "tied", bpe).state_dict()
-    assert all(torch.equal(back[k], v.bfloat16().float()) for k, v in tied.items())
+    assert all(torch.equal(back[k], v.bfloat16().float()) for k, v in models["tied"].state_dict().items())
 
 
 def test_imported_checkpoint_fine_tunes(tmp_path, bpe):
