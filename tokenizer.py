@@ -147,6 +147,12 @@ def load_tokenizer(spec, base_dir="."):
     raise ValueError(f"unknown tokenizer spec {spec!r}: expected kind 'bytes', 'gpt2' or 'bpe'")
 
 
+def check_uint16(enc):
+    """Token files hold uint16 ids: raise ValueError if enc has a larger one."""
+    if enc.max_token_value > MAX_VOCAB:
+        raise ValueError(f"has ids up to {enc.max_token_value}: more than uint16 token files can hold")
+
+
 def eot_token(enc):
     """Id of <|endoftext|>, or None for a tokenizer without it (bytes)."""
     return enc.encode_single_token("<|endoftext|>") if "<|endoftext|>" in enc.special_tokens_set else None

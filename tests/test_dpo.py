@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import prepare
+import chat_data
 import train
 from conftest import read_metrics, run_script
 from model import GPT, GPTConfig
@@ -59,7 +59,7 @@ def tiny_model(seed=0):
 
 def pair_batch(pairs):
     """A PreferenceBatches-style batch from (prompt, chosen, rejected) strings."""
-    rows = [prepare.render_pair(ENC, rec, {"block_size": 64}) for rec in
+    rows = [chat_data.render_pair(ENC, rec, {"block_size": 64}) for rec in
             [([{"role": "user", "content": p}], c, r) for p, c, r in pairs]]
     seqs = [(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows]
     T = max(len(p) + len(x) for p, x in seqs) - 1
@@ -117,9 +117,9 @@ def test_reference_free_types_load_no_reference():
 
 def write_pairs(path, pairs):
     path.mkdir(parents=True)
-    rows = [prepare.render_pair(ENC, ([{"role": "user", "content": p}], c, r), {"block_size": 64}) for p, c, r in pairs]
+    rows = [chat_data.render_pair(ENC, ([{"role": "user", "content": p}], c, r), {"block_size": 64}) for p, c, r in pairs]
     for split in ("train", "val"):
-        prepare.write_dpo_split(rows, path, split)
+        chat_data.write_dpo_split(rows, path, split)
     (path / "meta.json").write_text(json.dumps({"kind": "dpo", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
 
@@ -164,4 +164,4 @@ def test_preference_records_and_bad_input(tmp_path):
         "<|im_start|>user\nIs fire hot?<|im_end|>\n<|im_start|>assistant\n|yes<|im_end|>|no<|im_end|>",
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n|4<|im_end|>|5<|im_end|>"}
     with pytest.raises(ValueError, match="does not end with a user turn"):
-        prepare.to_pair({"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"})
+        chat_data.to_pair({"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"})

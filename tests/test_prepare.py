@@ -119,7 +119,7 @@ def test_near_duplicates_caught_above_threshold_kept_below():
             w[pos] = f"new{rng.randrange(10 ** 6)}"
         return " ".join(w)
     docs = [" ".join(base), variant(4), variant(40), " ".join(f"z{i}" for i in range(400))]
-    sh = [prepare.shingle_hashes(d, 5) for d in docs]
+    sh = [prepare.shingle_hashes(prepare.words_of(d), 5) for d in docs]
     assert jaccard(sh[0], sh[1]) > 0.9 and jaccard(sh[0], sh[2]) < 0.6
     assert prepare.near_duplicates(docs, CFG) == {1}  # 2 and 3 stay; of the cluster {0, 1}, the first stays
 
@@ -160,14 +160,21 @@ def test_mix_plan_formula():
     assert e == pytest.approx({"a": 5.0, "b": 500 / 900})
 
 
-def test_apply_mix_realizes_proportions():
-    docs = {"a": [f"a{i}" for i in range(200)], "b": [f"b{i}" for i in range(2000)]}
-    epochs = {"a": 2.5, "b": 0.3}
-    mixed = prepare.apply_mix(docs, epochs, np.random.default_rng(0))
-    n_a = sum(d.startswith("a") for d in mixed)
-    n_b = len(mixed) - n_a
-    assert n_a == pytest.approx(500, abs=25) and n_b == pytest.approx(600, abs=40)
-    assert all(mixed.count(f"a{i}") in (2, 3) for i in range(200))
+def test_mix_repeats_realize_epochs():
+    rng = np.random.default_rng(0)
+    epochs = np.r_[np.full(200, 2.5), np.full(2000, 0.3)]
+    reps = prepare.mix_repeats(epochs, rng.random(2200))
+    assert set(reps[:200]) == {2, 3} and set(reps[200:]) == {0, 1}
+    assert reps[:200].sum() == pytest.approx(500, abs=25) and reps[200:].sum() == pytest.approx(600, abs=40)
+
+
+def test_uniform_is_deterministic_and_uniform():
+    x = np.arange(100_000, dtype=np.uint64)
+    u = prepare.uniform(x, 7)
+    assert np.array_equal(u, prepare.uniform(x, 7)) and not np.array_equal(u, prepare.uniform(x, 8))
+    assert 0 <= u.min() and u.max() < 1
+    assert np.histogram(u, bins=10, range=(0, 1))[0] == pytest.approx(np.full(10, 10_000), rel=0.05)
+
 
 # ----------------------------------------------------------------------------- end to end
 
@@ -225,19 +232,6 @@ def test_bad_inputs(tmp_path):
     assert r.returncode != 0 and "exists: pass --overwrite=True" in r.stderr
     r = prep(root, "big", "--vocab_size=70000")
     assert r.returncode != 0 and "does not fit uint16" in r.stderr and not (root / "big").exists()
-
-
-def test_interrupted_run_leaves_nothing_complete(tmp_path, monkeypatch):
-    root = write_sources(tmp_path)
-
-    def interrupted(*args, **kw):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(prepare, "write_tokens", interrupted)
-    monkeypatch.setattr("sys.argv", ["prepare.py", f"--out_dir={root}/out", "--vocab_size=300",
-                                     f"--sources={{'files': '{root}/src'}}"])
-    with pytest.raises(KeyboardInterrupt):
-        prepare.main()
-    assert sorted(os.listdir(root)) == ["more.jsonl", "src"]
 
 
 def test_embedded_corpus_readers():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare
+import chat_data
 import train
 from conftest import read_metrics, run_script
 from model import GPT, GPTConfig
@@ -33,7 +33,7 @@ RECORDS = {
 @pytest.mark.parametrize("name", RECORDS)
 def test_mask_covers_exactly_the_assistant_turns(name):
     record, replies = RECORDS[name]
-    ids, mask = render_chat(ENC, prepare.to_messages(record))
+    ids, mask = render_chat(ENC, chat_data.to_messages(record))
     assert len(ids) == len(mask)
     spans, cur = [], []
     for t, m in zip(ids, mask):
@@ -54,24 +54,24 @@ def test_generation_prompt():
 
 
 def test_alpaca_input_joins_instruction():
-    msgs = prepare.to_messages(RECORDS["alpaca"][0])
+    msgs = chat_data.to_messages(RECORDS["alpaca"][0])
     assert msgs == [{"role": "user", "content": "Add the numbers.\n\n2 3"}, {"role": "assistant", "content": "5"}]
 
 
 @pytest.mark.parametrize("record", [RECORDS["alpaca_system"][0], {"instruction": "I", "input": "", "output": "O"}])
 def test_alpaca_round_trip(record):
-    assert prepare.from_messages(prepare.to_messages(record), "alpaca") == record
+    assert chat_data.from_messages(chat_data.to_messages(record), "alpaca") == record
 
 
 def test_sharegpt_round_trip_and_cli(tmp_path):
     record = RECORDS["sharegpt"][0]
-    assert prepare.from_messages(prepare.to_messages(record), "sharegpt") == record
+    assert chat_data.from_messages(chat_data.to_messages(record), "sharegpt") == record
     src = tmp_path / "in.json"
     src.write_text(json.dumps([r for r, _ in RECORDS.values()]))
     r = run_script("prepare.py", f"--convert={src}", f"--convert_out={tmp_path / 'out.jsonl'}")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line)["messages"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert lines == [prepare.to_messages(r) for r, _ in RECORDS.values()]
+    assert lines == [chat_data.to_messages(r) for r, _ in RECORDS.values()]
 
 
 @pytest.mark.parametrize("record, message", [
@@ -82,7 +82,7 @@ def test_sharegpt_round_trip_and_cli(tmp_path):
 ])
 def test_bad_records(record, message):
     with pytest.raises(ValueError, match=message):
-        prepare.to_messages(record)
+        chat_data.to_messages(record)
 
 
 def write_bytes_pretrain_dir(path):
@@ -127,10 +127,10 @@ def test_loss_is_the_mean_over_all_assistant_tokens_of_the_step(tmp_path):
     model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
     save_checkpoint(model, tmp_path / "init.pt")
     # both splits hold exactly the two examples
-    renders = [render_chat(ENC, prepare.to_messages(rec)) for rec in (short, long)]
+    renders = [render_chat(ENC, chat_data.to_messages(rec)) for rec in (short, long)]
     data.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        prepare.write_sft_split(renders, data, split)
+        chat_data.write_sft_split(renders, data, split)
     (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
     cfg = {**train.defaults, "mode": "sft", "dataset": "two", "data_root": str(tmp_path / "data"),
@@ -159,7 +159,7 @@ def test_sft_exact_resume(tmp_path):
     examples = tasks.make_examples(30, "train", seed=0, tasks=("add", "count_words"))
     renders = [render_chat(ENC, ex["messages"]) for ex in examples]
     for split in ("train", "val"):
-        prepare.write_sft_split(renders, data, split)
+        chat_data.write_sft_split(renders, data, split)
     (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
     torch.manual_seed(0)

@@ -1,0 +1,292 @@
+"""
+Chat data for prepare.py's kind='sft' and kind='dpo' (prepare.py imports this module only for those):
+instruction records in the Alpaca, ShareGPT/Vicuna and OpenAI-messages formats, preference records
+(plain or TRL's conversational form), on-policy preference pairs sampled from a model and judged by
+the verifiable tasks of tasks.py, all rendered with the chat template of tokenizer.py.
+
+Files written (into the directory prepare.py hands over):
+  sft: {train,val}.bin (uint16 tokens), {train,val}.mask.bin (uint8, 1 where the loss counts),
+       {train,val}.idx (int64 offsets: example i is [idx[i], idx[i+1]))
+  dpo: {train,val}.bin (uint16: each pair's prompt, chosen and rejected tokens in a row),
+       {train,val}.idx (int64 rows: prompt start, chosen start, rejected start, end)
+"""
+import glob
+import json
+import os
+import re
+import sys
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+from tokenizer import check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+def to_messages(record):
+    """An Alpaca, ShareGPT/Vicuna or OpenAI-messages record as [{role, content}], checked: known roles,
+    no empty turn, ends with an assistant turn. Raises ValueError saying what is wrong."""
+    if "messages" in record:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    elif "conversations" in record or "conversation" in record:
+        msgs = []
+        for turn in record.get("conversations", record.get("conversation")):
+            if "from" in turn:
+                if turn["from"] not in SHAREGPT_ROLES:
+                    raise ValueError(f"unknown role '{turn['from']}'")
+                msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+            else:
+                msgs.append({"role": turn["role"], "content": turn["content"]})
+    elif "instruction" in record:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        msgs = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + \
+            [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
+    else:
+        raise ValueError("not an Alpaca (instruction, output), ShareGPT (conversations) or messages record")
+    return check_turns(msgs, last="assistant")
+
+
+def check_turns(msgs, last):
+    """msgs, if every role is known, no turn is empty and the last turn is `last`'s."""
+    for m in msgs:
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown role '{m['role']}'")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise ValueError(f"empty {m['role']} turn")
+    if not msgs or msgs[-1]["role"] != last:
+        raise ValueError(f"the conversation does not end with a{'n' if last == 'assistant' else ''} {last} turn")
+    return msgs
+
+
+def to_pair(record):
+    """(prompt messages, chosen reply, rejected reply) of a preference record: plain strings, or TRL's
+    conversational form (prompt a message list, chosen and rejected one-assistant-message lists)."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in record:
+            raise ValueError(f"missing field '{key}'")
+    prompt = record["prompt"]
+    msgs = check_turns([{"role": "user", "content": prompt}] if isinstance(prompt, str) else
+                       [{"role": m["role"], "content": m["content"]} for m in prompt], last="user")
+    replies = []
+    for key in ("chosen", "rejected"):
+        reply = record[key]
+        if isinstance(reply, list):
+            if len(reply) != 1:
+                raise ValueError(f"'{key}' must hold one assistant message")
+            reply = check_turns([{"role": reply[0]["role"], "content": reply[0]["content"]}], "assistant")[0]["content"]
+        if not isinstance(reply, str) or not reply.strip():
+            raise ValueError(f"empty '{key}' reply")
+        replies.append(reply)
+    return msgs, replies[0], replies[1]
+
+
+def from_messages(msgs, fmt):
+    """The inverse of to_messages for 'sharegpt', and for 'alpaca' where a record can hold the
+    conversation (one user and one assistant turn, an optional system prompt; the input field is
+    folded into the instruction, so it comes back empty)."""
+    if fmt == "sharegpt":
+        names = {"user": "human", "assistant": "gpt", "system": "system"}
+        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}
+    system = [m["content"] for m in msgs if m["role"] == "system"]
+    turns = [m for m in msgs if m["role"] != "system"]
+    if len(turns) != 2 or len(system) > 1:
+        raise ValueError("Alpaca holds one instruction and one output")
+    return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"],
+            **({"system": system[0]} if system else {})}
+
+
+def read_records(path):
+    """(location, record) from a JSON array file ('file[i]') or a JSONL file ('file:line'). Lines split
+    on '\n' only: U+2028 and friends are legal inside JSON strings. A UTF-8 BOM is dropped."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace").removeprefix("\ufeff")
+    except OSError as e:
+        sys.exit(f"{path}: {e.strerror}")
+    if path.endswith(".jsonl"):
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                yield f"{path}:{lineno}", line
+        return
+    try:
+        records = json.loads(text)
+    except ValueError as e:
+        sys.exit(f"{path}: not valid JSON ({e})")
+    if not isinstance(records, list):
+        sys.exit(f"{path}: expected a JSON array of records")
+    for i, r in enumerate(records):
+        yield f"{path}[{i}]", r
+
+
+def on_policy_pairs(cfg, model, enc, split, n, stats):
+    """Preference pairs on the tasks' prompts: samples_per_prompt answers from the model, judged by the
+    task's checker; a correct answer is chosen (the reference answer if none was) and an incorrect
+    one rejected. A prompt the model always gets right gives no pair."""
+    import tasks
+    import torch
+    g = torch.Generator().manual_seed(cfg["seed"])
+    pairs = []
+    examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
+    for i, ex in enumerate(tqdm(examples, desc=f"sample {split}", unit=" prompts")):
+        replies = tasks.respond(model, enc, ex["prompt"], num_samples=cfg["samples_per_prompt"],
+                                temperature=cfg["sample_temperature"], max_new_tokens=64, generator=g)
+        good = [r for r in replies if tasks.check(ex["answer"], r)]
+        bad = [r for r in replies if not tasks.check(ex["answer"], r)]
+        stats[f"{split}_correct_samples"] += len(good)
+        if not bad:
+            stats[f"{split}_all_correct"] += 1
+            continue
+        stats[f"{split}_reference_chosen"] += not good
+        pairs.append((f"tasks:{split}:{i}", (ex["messages"][:1], good[0] if good else ex["answer"], bad[0])))
+    return pairs
+
+
+def chat_items(cfg, enc, stats):
+    """{'train': [...], 'val': [...]} of (location, record) from every source: records of files split at
+    random by val_fraction; embedded:tasks gives task examples (sft) or on-policy pairs (dpo) from the
+    tasks' own train and held-out val items."""
+    out = {"train": [], "val": []}
+    rng = np.random.default_rng(cfg["seed"])
+    for name, where in cfg["sources"].items():
+        if where == "embedded:tasks":
+            n = cfg["task_examples"] if cfg["kind"] == "sft" else cfg["pair_prompts"]
+            if cfg["kind"] == "dpo":
+                model = load_policy(cfg["from_ckpt"])
+            for split, count in (("train", n), ("val", max(1, n // 10))):
+                if cfg["kind"] == "sft":
+                    import tasks
+                    out[split] += [(f"tasks:{split}:{i}", ex["messages"]) for i, ex in enumerate(
+                        tasks.make_examples(count, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS)))]
+                else:
+                    out[split] += on_policy_pairs(cfg, model, enc, split, count, stats)
+            continue
+        paths = sorted(glob.glob(where)) or sys.exit(f"source '{where}' matches no files")
+        for path in paths:
+            for loc, rec in read_records(path):
+                out["val" if rng.random() < cfg["val_fraction"] else "train"].append((loc, rec))
+    return out
+
+
+def render_sft(enc, rec, cfg):
+    """(ids, mask) of a conversation record (or a message list)."""
+    ids, mask = render_chat(enc, rec if isinstance(rec, list) else to_messages(rec))
+    if len(ids) - 1 > cfg["block_size"]:
+        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1")
+    return ids, mask
+
+
+def render_pair(enc, rec, cfg):
+    """(prompt ids ending in the generation prompt, chosen ids, rejected ids); replies end in <|im_end|>."""
+    msgs, chosen, rejected = rec if isinstance(rec, tuple) else to_pair(rec)
+    prompt, _ = render_chat(enc, msgs, generation_prompt=True)
+    end = enc.encode_single_token("<|im_end|>")
+    c, r = enc.encode_ordinary(chosen) + [end], enc.encode_ordinary(rejected) + [end]
+    if len(prompt) + max(len(c), len(r)) - 1 > cfg["block_size"]:
+        raise ValueError(f"{len(prompt) + max(len(c), len(r))} tokens, longer than block_size={cfg['block_size']} + 1")
+    return prompt, c, r
+
+
+def render_all(items, render, cfg, skipped):
+    """render(record) for each item; a bad record stops the run naming its location, or is counted."""
+    out = []
+    for loc, rec in items:
+        try:
+            out.append(render(json.loads(rec) if isinstance(rec, str) else rec))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            if cfg["on_error"] != "skip":
+                sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such records)")
+            skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
+    return out
+
+
+def load_policy(path):
+    """The model of a checkpoint, to sample from (eval mode, CPU)."""
+    from model import GPT
+    try:
+        return GPT.load(path)[0]
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"from_ckpt: {e} (on-policy pairs sample from an SFT model)")
+
+
+def tokenizer_of(path):
+    """The inline tokenizer spec of a prepared dataset (its meta.json) or of a checkpoint."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "meta.json")) as f:
+            return inline_spec(json.load(f)["tokenizer"], path)
+    ckpt = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if os.path.isfile(ckpt):
+        import torch
+        return torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
+    sys.exit(f"tokenizer_from='{path}' is neither a prepared dataset nor a checkpoint")
+
+
+def write_sft_split(examples, tmp_dir, split):
+    """tokens (uint16), loss mask (uint8) and int64 offsets: example i is [idx[i], idx[i+1])."""
+    ids = np.array([t for e in examples for t in e[0]], dtype=np.uint16)
+    mask = np.array([m for e in examples for m in e[1]], dtype=np.uint8)
+    offsets = np.cumsum([0] + [len(e[0]) for e in examples], dtype=np.int64)
+    ids.tofile(os.path.join(tmp_dir, f"{split}.bin"))
+    mask.tofile(os.path.join(tmp_dir, f"{split}.mask.bin"))
+    offsets.tofile(os.path.join(tmp_dir, f"{split}.idx"))
+    return {"examples": len(examples), "tokens": int(len(ids)), "assistant_tokens": int(mask.sum())}
+
+
+def write_dpo_split(pairs, tmp_dir, split):
+    """tokens (uint16) of each pair's prompt, chosen and rejected replies in a row, and an int64 table
+    of (prompt start, chosen start, rejected start, end) per pair."""
+    rows, pos = [], 0
+    for p, c, r in pairs:
+        rows.append((pos, pos + len(p), pos + len(p) + len(c), pos + len(p) + len(c) + len(r)))
+        pos = rows[-1][3]
+    np.array([t for pair in pairs for part in pair for t in part], dtype=np.uint16).tofile(
+        os.path.join(tmp_dir, f"{split}.bin"))
+    np.array(rows, dtype=np.int64).reshape(-1, 4).tofile(os.path.join(tmp_dir, f"{split}.idx"))
+    return {"pairs": len(pairs), "tokens": pos}
+
+
+def prepare_chat(cfg, tmp_dir):
+    """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template, written into
+    tmp_dir (prepare.py moves it into place). Returns a one-line summary."""
+    where = cfg["from_ckpt"] or cfg["tokenizer_from"]
+    spec = tokenizer_of(where)
+    enc = load_tokenizer(spec)
+    try:
+        check_uint16(enc)
+    except ValueError as e:
+        sys.exit(f"the tokenizer of '{where}' {e}")
+    stats, skipped = Counter(), Counter()
+    items = chat_items(cfg, enc, stats)
+    render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
+    records = {split: render_all(items[split], lambda rec: render(enc, rec, cfg), cfg, skipped)
+               for split in ("train", "val")}
+    if not records["train"] or not records["val"]:
+        sys.exit(f"no {'train' if not records['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
+    counts = {split: write(records[split], tmp_dir, split) for split in ("train", "val")}
+    if "ranks" in spec:  # a trained BPE travels as a file beside meta.json, as for pretraining data
+        save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
+        spec = {"kind": "bpe", "path": "tokenizer.bpe"}
+    meta = {"kind": cfg["kind"], "vocab_size": enc.n_vocab, "tokenizer": spec,
+            "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
+            **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
+            "skipped": dict(skipped), **({"sampling": dict(stats)} if stats else {}), "config": cfg}
+    with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return (", ".join(f"{s} {c}" for s, c in counts.items()) + (f"; sampling {dict(stats)}" if stats else "")
+            + (f"; skipped {dict(skipped)}" if skipped else ""))
+
+
+def convert_file(cfg):
+    """--convert=IN --convert_out=OUT: Alpaca/ShareGPT/messages records of IN as messages JSONL."""
+    with open(cfg["convert_out"], "w") as out:
+        for loc, rec in read_records(cfg["convert"]):
+            try:
+                msgs = to_messages(json.loads(rec) if isinstance(rec, str) else rec)
+            except (ValueError, KeyError, TypeError) as e:
+                sys.exit(f"{loc}: {e}")
+            out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    print(f"wrote {cfg['convert_out']}")
