@@ -1,53 +1,195 @@
 """
-Figures for the data pipeline on the embedded default corpus: the time of each stage, BPE training at
-a given vocabulary size, and tokenization throughput against raw tiktoken on the same text.
+Figures for prepare.py at scale, on a corpus made by bench/make_corpus.py:
 
-    python bench/prepare_bench.py --vocab_size=8192
+    python bench/make_corpus.py --out=/tmp/corpus1 --gb=1 --shards=50
+    python bench/prepare_bench.py --corpus=/tmp/corpus1 --workers=1,2 --recall=True
+
+For each worker count it runs `prepare.py` on the corpus's shards as a user would and reports, from
+outside the process: wall time, the peak resident memory of the whole job (prepare.py and all its
+workers, summed, sampled every 0.2 s), the peak disk used by intermediates (OUT.tmp/); and from
+meta.json: each stage's time and MB/s, and the core-seconds of each step inside the workers (what
+remains to be made faster). With --recall it also runs the document stage and deduplication through
+prepare.py's functions and scores the planted near-duplicates: the share caught at each similarity,
+next to the banding formula's prediction.
 """
+import argparse
+import json
+import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import numpy as np  # noqa: E402
+
 import prepare  # noqa: E402
-from configurator import configure  # noqa: E402
-from tokenizer import bpe_spec, count_chunks, load_tokenizer, train_bpe  # noqa: E402
 
 
-def timed(label, fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    print(f"{label:<34}{time.perf_counter() - t:8.2f} s", flush=True)
-    return out
+def tree_rss(pid):
+    """Resident memory (bytes) of a process and all its descendants."""
+    children, rss = {}, {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{p}/statm") as f:
+                    rss[int(p)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                children.setdefault(ppid, []).append(int(p))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def disk_use(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def run(corpus, workers, out, extra):
+    cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--out_dir={out}", f"--num_workers={workers}",
+           f"--sources={{'web': '{corpus}/shard_*'}}", *extra]
+    peak = {"rss": 0, "disk": 0}
+    t0 = time.time()
+    with open(out + ".log", "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+        def watch():
+            n = 0
+            while p.poll() is None:
+                peak["rss"] = max(peak["rss"], tree_rss(p.pid))
+                if n % 10 == 0:
+                    peak["disk"] = max(peak["disk"], disk_use(out + ".tmp"))
+                n += 1
+                time.sleep(0.2)
+        w = threading.Thread(target=watch)
+        w.start()
+        rc = p.wait()
+        w.join()
+    if rc:
+        sys.exit(f"prepare.py failed (exit {rc}); see {out}.log")
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    return time.time() - t0, peak, meta
+
+
+def report(workers, wall, peak, meta):
+    mb = meta["input"]["bytes"] / 1e6
+    print(f"\n== {workers} worker(s): {mb:,.0f} MB, {meta['input']['documents']:,} documents, "
+          f"{meta['input']['units']} units; wall {wall:.0f} s = {mb / wall:.2f} MB/s end to end "
+          f"({mb / wall / workers:.2f} MB/s per worker)")
+    print(f"   peak RSS of the whole job {peak['rss'] / 2 ** 20:,.0f} MiB; peak intermediates on disk "
+          f"{peak['disk'] / 2 ** 30:.2f} GiB; output {meta['train_tokens'] + meta['val_tokens']:,} tokens")
+    print("   stage          seconds    MB/s")
+    for stage, s in meta["seconds"].items():
+        print(f"   {stage:<14}{s:8.1f}{meta['mb_per_s'][stage]:8.1f}")
+    print("   inside the workers (core-seconds, MB per core-second):")
+    for step, s in meta["core_seconds"].items():
+        print(f"   {step:<14}{s:8.1f}{meta['mb_per_core_s'][step]:8.2f}")
+    print(f"   dedup: {meta['dedup']}; filters: " + ", ".join(f"{k} {v['removed']}" for k, v in meta['filters'].items()))
+
+
+def recall(corpus, workers, cfg_extra):
+    """Planted copies caught, by similarity, against 1 - (1 - s^r)^b (candidates) and the chance that
+    the signatures then agree on at least jaccard_threshold of their rows (verification)."""
+    cfg = {**prepare.defaults, "sources": {"web": f"{corpus}/shard_*"}, "num_workers": workers, **cfg_extra}
+    work = tempfile.mkdtemp(prefix="recall-")
+    try:
+        units = prepare.list_units(cfg)
+        tasks = [(i, u, cfg, work) for i, u in enumerate(units)]
+        for _ in prepare.in_workers(prepare.document_stage, tasks, workers, "documents"):
+            pass
+        docs = prepare.Units(work, len(units))
+        alive, counts = prepare.deduplicate(docs, cfg)
+        where = {}  # (shard file stem, row) -> global id
+        for u, unit in enumerate(units):
+            stem = os.path.basename(unit["paths"][0]).split(".")[0]
+            for g, row in enumerate(docs.npz[u]["pos"].tolist(), start=docs.starts[u]):
+                where[stem, row] = g
+    finally:
+        shutil.rmtree(work)
+    rows = [json.loads(line) for line in open(os.path.join(corpus, "planted.jsonl"))]
+    b, r, t, p = cfg["bands"], cfg["num_perm"] // cfg["bands"], cfg["jaccard_threshold"], cfg["num_perm"]
+    edges = [0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.999, 1.01]
+    caught = {e: [0, 0] for e in edges[:-1]}
+    seen_copy = set()
+    for row in rows:
+        copy, orig = (f"shard_{row['shard']:05d}", row["row"]), (f"shard_{row['of_shard']:05d}", row["of_row"])
+        if copy not in where or orig not in where:
+            continue  # one of the two was filtered out before deduplication
+        seen_copy.add(where[copy])
+        e = max(x for x in edges[:-1] if x <= row["jaccard"])
+        caught[e][0] += not alive[where[copy]]
+        caught[e][1] += 1
+    print(f"\n== planted near duplicates ({cfg['num_perm']} permutations, {b} bands of {r} rows, threshold {t}; "
+          f"dedup removed {counts})")
+    print("   similarity     copies  caught   predicted (candidate x verified)")
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        n_caught, n = caught[lo]
+        if not n:
+            continue
+        s = min(1.0, (lo + min(hi, 1.0)) / 2)
+        cand = 1 - (1 - s ** r) ** b
+        need = math.ceil(t * p)
+        verified = sum(math.comb(p, k) * s ** k * (1 - s) ** (p - k) for k in range(need, p + 1))
+        print(f"   [{lo:.2f}, {min(hi, 1.0):.2f})  {n:7d}  {n_caught / n:6.3f}   {cand * verified:6.3f} "
+              f"({cand:.3f} x {verified:.3f})")
+    above = [v for lo, v in caught.items() if lo >= t]
+    below = [v for lo, v in caught.items() if lo < t]
+    tp, pos = sum(v[0] for v in above), sum(v[1] for v in above)
+    fp, neg = sum(v[0] for v in below), sum(v[1] for v in below)
+    others = np.ones(len(alive), dtype=bool)
+    others[list(seen_copy)] = False
+    print(f"   recall at J >= {t}: {tp / max(1, pos):.3f} ({tp}/{pos}); removed below it: {fp / max(1, neg):.3f} "
+          f"({fp}/{neg}); documents that are no planted copy removed: {int((~alive & others).sum())} of "
+          f"{int(others.sum())}")
 
 
 def main():
-    cfg = configure({**prepare.defaults, "vocab_size": 8192})
-    docs, sources, _ = timed("read and clean", prepare.read_all, cfg)
-    keep, _ = timed("rule filters", prepare.apply_filters, docs, cfg)
-    keep, _ = timed("dedup (exact + MinHash/LSH)", prepare.deduplicate, docs, keep, cfg)
-    train, val, by_source, epochs = timed("split and mix", prepare.split_and_mix, docs, sources, keep, cfg)
-    unique = [d for ds in by_source.values() for d in ds]
-    weights = [epochs[s] for s, ds in by_source.items() for _ in ds]
-    print(f"BPE training text: {sum(map(len, unique)) / 1e6:.1f}M characters unique, "
-          f"{sum(len(d) * w for d, w in zip(unique, weights)) / 1e6:.1f}M weighted by the mix")
-    counts = timed("BPE: count chunks", count_chunks, unique, weights)
-    ranks = timed(f"BPE: {cfg['vocab_size']} vocab merges", train_bpe, counts, cfg["vocab_size"])
-    spec = bpe_spec(ranks, vocab_size=cfg["vocab_size"])
-    enc = load_tokenizer(spec)
-    n_bytes = sum(len(d.encode("utf-8")) for d in train)
-    workers = os.cpu_count()
-    t = time.perf_counter()
-    enc.encode_ordinary_batch(train, num_threads=workers)
-    raw = n_bytes / (time.perf_counter() - t)
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        prepare.write_tokens(train, os.path.join(tmp, "train.bin"), spec, workers, "tokenize")
-        ours = n_bytes / (time.perf_counter() - t)
-    print(f"tiktoken encode_ordinary_batch     {raw / 1e6:8.2f} MB/s ({workers} threads)")
-    print(f"prepare.write_tokens               {ours / 1e6:8.2f} MB/s ({workers} processes, to disk)"
-          f" = {ours / raw:.0%} of raw tiktoken")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--out", default=None, help="where the datasets go (default: a temporary folder)")
+    ap.add_argument("--recall", default="False")
+    ap.add_argument("--keep", default="False", help="keep the prepared datasets")
+    args, extra = ap.parse_known_args()
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+    base = args.out or tempfile.mkdtemp(prefix="prepare-bench-")
+    for w in map(int, args.workers.split(",")):
+        out = os.path.join(base, f"w{w}")
+        wall, peak, meta = run(os.path.abspath(args.corpus), w, out, extra)
+        report(w, wall, peak, meta)
+        if args.keep != "True":
+            shutil.rmtree(out)
+    if args.recall == "True":
+        recall(os.path.abspath(args.corpus), max(map(int, args.workers.split(","))), {})
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = " ".join(x for x in ("avx512_bf16", "amx_tile") if x in info) or "AVX2 only"
+        return f"{name} ({flags})"
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 #
 # Model: 12 layers, 12 heads, 768 wide, 1024 context, GPT-2 vocabulary (50,257 padded to 50,304):
 # 123.6M parameters, 855 MFLOPs of training compute per token (model.flops_per_token).
-# Data: data/pretrain/ in the format of DESIGN.md with the gpt2 tokenizer, at least ~3B tokens so the
-# budget below sees each token about once, e.g. from your own JSONL shards:
-#   python prepare.py --sources="{'web': '/path/to/shards/*.jsonl'}" --tokenizer=gpt2 --out_dir=data/pretrain
+# Data: data/pretrain/ with the gpt2 tokenizer, at least ~3B tokens so the budget below sees each
+# token about once, e.g. nanochat's ClimbMix shards (config/data/climbmix.py says how), or your own:
+#   python prepare.py --sources="{'web': '/path/to/shards/*.parquet'}" --tokenizer=gpt2 --out_dir=data/pretrain
 # Budget: 16 x 1024 tokens per micro-batch x 4 micro-batches x 8 GPUs = 524,288 tokens per step,
 # 5,000 steps = 2.6B tokens (Chinchilla's ~20 tokens per parameter).
 # Time: not measured yet (no GPU was available when this was written). The arithmetic: 2.6B tokens
