@@ -758,7 +758,10 @@ class Units:
 
     def __init__(self, work, n_units):
         self.work = work
-        self.npz = [dict(np.load(os.path.join(work, f"docs-{i:05d}.npz"))) for i in range(n_units)]
+        self.npz = []
+        for i in range(n_units):
+            with np.load(self.path(i, "npz")) as z:  # all but the band keys, read one band at a time
+                self.npz.append({k: z[k] for k in z.files if k != "bands"})
         counts = [len(z["pos"]) for z in self.npz]
         self.starts = np.cumsum([0] + counts)
         self.unit = np.repeat(np.arange(n_units), counts)  # unit of each document
@@ -769,11 +772,18 @@ class Units:
     def __len__(self):
         return int(self.starts[-1])
 
+    def path(self, unit, ext):
+        return os.path.join(self.work, f"docs-{unit:05d}.{ext}")
+
+    def band_keys(self, band):
+        """Every document's key of one LSH band (one band in memory at a time)."""
+        return np.concatenate([np.load(self.path(u, "npz"))["bands"][:, band] for u in range(len(self.npz))])
+
     def signatures(self, ids):
         """MinHash signatures of documents ids (read from the units' files)."""
         out = None
         for u in np.unique(self.unit[ids]):
-            sig = np.load(os.path.join(self.work, f"docs-{u:05d}.sig"), mmap_mode="r")
+            sig = np.load(self.path(u, "sig"), mmap_mode="r")
             out = np.empty((len(ids), sig.shape[1]), dtype=np.uint32) if out is None else out
             m = self.unit[ids] == u
             out[m] = sig[ids[m] - self.starts[u]]
@@ -785,7 +795,7 @@ class Units:
         for i in ids:
             u = self.unit[i]
             off = self.npz[u]["offsets"][i - self.starts[u]:i - self.starts[u] + 2]
-            with open(os.path.join(self.work, f"docs-{u:05d}.txt"), "rb") as f:
+            with open(self.path(u, "txt"), "rb") as f:
                 f.seek(off[0])
                 out.append(f.read(off[1] - off[0]).decode("utf-8"))
         return out
@@ -807,8 +817,7 @@ def deduplicate(units, cfg):
         ids = np.flatnonzero(alive)
         pairs = set()
         for band in range(cfg["bands"]):
-            band_key = np.concatenate([z["bands"][:, band] for z in units.npz])[ids]
-            pairs.update(zip(*(x.tolist() for x in bucket_pairs(band_key, ids))))
+            pairs.update(zip(*(x.tolist() for x in bucket_pairs(units.band_keys(band)[ids], ids))))
         pairs = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
         similar = []
         for c in range(0, len(pairs), 1 << 15):  # bounded memory: 2 x 32k signatures at a time
@@ -904,21 +913,73 @@ def prepare_pretrain(cfg, tmp_dir):
         timings[stage] = round(time.time() - t, 2)
         t = time.time()
 
-    units_spec = list_units(cfg)
-    workers = min(cfg["num_workers"] or os.cpu_count(), max(1, len(units_spec)))
+    unit_list = list_units(cfg)
+    workers = min(cfg["num_workers"] or os.cpu_count(), max(1, len(unit_list)))
+    reports = document_stage_all(unit_list, cfg, work, workers)
+    lap("documents")
+    filters = merge_filter_reports(reports)
+    units = Units(work, len(unit_list))
+    alive, dedup = deduplicate(units, cfg)
+    lap("dedup")
+    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {alive.sum():,} left")
+    if not alive.any():
+        raise DataError("no documents left after filtering and deduplication")
+    mix = split_and_mix(units, unit_list, alive, cfg)
+    lap("split_and_mix")
+    spec = tokenizer_for(cfg, units, mix, tmp_dir)
+    lap("tokenizer")
+    enc = load_tokenizer(spec, tmp_dir)
+    try:
+        check_uint16(enc)
+    except ValueError as e:
+        raise DataError(f"tokenizer '{cfg['tokenizer']}' {e}") from None
+    tok_seconds = tokenize_all(units, alive, reports, inline_spec(spec, tmp_dir), work, workers)
+    lap("tokenize")
+    n_train = write_split(os.path.join(tmp_dir, "train.bin"), mix["train_order"], units, alive, work)
+    n_val = write_split(os.path.join(tmp_dir, "val.bin"), mix["val_order"], units, alive, work)
+    lap("write")
+
+    core, read = Counter(), Counter()
+    for r in reports:
+        core.update(r["seconds"])
+        read.update(r["read"])
+    core["tokenize"] = tok_seconds
+    n_bytes = sum(r["bytes"] for r in reports)
+    mb = n_bytes / 1e6
+    return {"kind": "pretrain", "vocab_size": enc.n_vocab, "tokenizer": spec,
+            "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
+            "bytes_per_token": int(units.bytes[mix["val_order"]].sum()) / n_val,
+            "train_tokens": n_train, "val_tokens": n_val, "train_documents": len(mix["train_order"]),
+            "val_documents": len(mix["val_order"]), "mix": mix["report"], "filters": filters, "dedup": dedup,
+            "read": dict(read), "input": {"documents": sum(r["documents"] for r in reports), "bytes": n_bytes},
+            "config": {k: v for k, v in cfg.items() if k not in RUN_KEYS},
+            # how this run went: the only part of meta.json that differs between runs of the same input
+            "run": {"workers": workers, "units": len(unit_list), **{k: cfg[k] for k in RUN_KEYS},
+                    "seconds": timings, "mb_per_s": {k: round(mb / max(v, 1e-9), 2) for k, v in timings.items()}
+                    | {"end_to_end": round(mb / max(sum(timings.values()), 1e-9), 2)},
+                    "core_seconds": {k: round(v, 2) for k, v in core.items()},
+                    "mb_per_core_s": {k: round(mb / max(v, 1e-9), 2) for k, v in core.items()}}}
+
+
+def document_stage_all(unit_list, cfg, work, workers):
+    """Every unit's report from the document stage; finished units of an earlier run are reused."""
     reports = {}
-    for i, unit in enumerate(units_spec):
+    for i, unit in enumerate(unit_list):
         report = finished(os.path.join(work, f"docs-{i:05d}.json"), unit_stamp(unit, cfg))
         if report:
             reports[i] = report
     if reports:
-        print(f"reusing {len(reports)} of {len(units_spec)} finished units in {work}")
-    todo = [(i, u, cfg, work) for i, u in enumerate(units_spec) if i not in reports]
+        print(f"reusing {len(reports)} of {len(unit_list)} finished units in {work}")
+    todo = [(i, u, cfg, work) for i, u in enumerate(unit_list) if i not in reports]
     reports.update(in_workers(document_stage, todo, workers, f"documents ({workers} workers)"))
-    reports = [reports[i] for i in range(len(units_spec))]
-    lap("documents")
-    n_read, n_bytes = sum(r["documents"] for r in reports), sum(r["bytes"] for r in reports)
-    print(f"read {n_read:,} documents, {n_bytes / 1e6:.1f} MB, from {len(units_spec)} units")
+    reports = [reports[i] for i in range(len(unit_list))]
+    print(f"read {sum(r['documents'] for r in reports):,} documents, {sum(r['bytes'] for r in reports) / 1e6:.1f} MB, "
+          f"from {len(unit_list)} units")
+    return reports
+
+
+def merge_filter_reports(reports):
+    """Per rule: documents removed in all units, and the first three examples."""
     filters = {}
     for r in reports:
         for rule, rep in r["filters"].items():
@@ -927,18 +988,15 @@ def prepare_pretrain(cfg, tmp_dir):
             f["examples"] = (f["examples"] + rep["examples"])[:3]
     for rule, rep in filters.items():
         print(f"  filter {rule}: removed {rep['removed']}, e.g. {rep['examples'][0][:70]!r}")
+    return filters
 
-    units = Units(work, len(units_spec))
-    alive, dedup = deduplicate(units, cfg)
-    lap("dedup")
-    print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {alive.sum():,} left")
-    if not alive.any():
-        raise DataError("no documents left after filtering and deduplication")
 
-    # split by a hash of each document's exact key (its normalized text): independent of paths, shard
-    # order and workers, and exact duplicates can never straddle the splits
+def split_and_mix(units, unit_list, alive, cfg):
+    """The val documents, and the train documents with their mix repeats, shuffled. The split is by a
+    hash of each document's exact key (its normalized text): independent of paths, shard order and
+    workers, and exact duplicates can never straddle the splits."""
     sources = list(cfg["sources"])
-    src = np.array([sources.index(u["source"]) for u in units_spec], dtype=np.int64)[units.unit]
+    src = np.array([sources.index(u["source"]) for u in unit_list], dtype=np.int64)[units.unit]
     is_val = uniform(units.keys[:, 0], cfg["seed"]) < cfg["val_fraction"]
     train, val = alive & ~is_val, alive & is_val
     if not val.any() or not train.any():
@@ -950,72 +1008,50 @@ def prepare_pretrain(cfg, tmp_dir):
     ids = np.repeat(np.arange(len(units)), repeats)
     copy = np.arange(len(ids)) - np.repeat(np.cumsum(repeats) - repeats, repeats)  # 0, 1, .. per document
     shuffle = uniform(units.keys[ids, 0] ^ (copy.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)), cfg["seed"] + 2)
-    train_order, val_order = ids[np.argsort(shuffle, kind="stable")], np.flatnonzero(val)
-    lap("split_and_mix")
+    report = {s: {"documents": int((train & (src == i)).sum()), "chars": sizes[s], "epochs": round(epochs[s], 4),
+                  "share": round(epochs[s] * sizes[s] / sum(sizes.values()), 4)}
+              for i, s in enumerate(sources) if s in epochs}
+    return {"train": train, "doc_epochs": doc_epochs, "train_order": ids[np.argsort(shuffle, kind="stable")],
+            "val_order": np.flatnonzero(val), "report": report}
 
-    spec = None
-    if cfg["tokenizer"] == "bpe" and os.path.exists(os.path.join(tmp_dir, "tokenizer.bpe")) and \
-            finished(os.path.join(work, "tokenizer.json"), bpe_stamp(cfg, alive)):
-        spec = {"kind": "bpe", "path": "tokenizer.bpe"}
+
+def tokenizer_for(cfg, units, mix, tmp_dir):
+    """The tokenizer spec; a BPE trained on a seeded sample of tokenizer_train_chars characters of the
+    train split, each document counted with its source's epochs (reused if an earlier run trained it)."""
+    stamp = {"config": {k: cfg[k] for k in ("tokenizer", "vocab_size", "tokenizer_train_chars", "val_fraction",
+                                            "seed", "mix_weights", "mix_temperature", "sources")},
+             "train": hashlib.blake2b(mix["train"].tobytes(), digest_size=16).hexdigest()}
+    done = os.path.join(tmp_dir, "work", "tokenizer.json")
+    if cfg["tokenizer"] == "bpe" and os.path.exists(os.path.join(tmp_dir, "tokenizer.bpe")) and finished(done, stamp):
         print("reusing the trained BPE")
-    if spec is None:
-        candidates = np.flatnonzero(train)
-        candidates = candidates[np.argsort(uniform(units.keys[candidates, 0], cfg["seed"] + 3), kind="stable")]
-        n = max(1, int(np.searchsorted(np.cumsum(units.chars[candidates]), cfg["tokenizer_train_chars"])) + 1)
-        sample = np.sort(candidates[:n])
-        spec = build_tokenizer(cfg, units, sample, doc_epochs[sample].tolist(), tmp_dir)
-        write_json(os.path.join(work, "tokenizer.json"), {"stamp": bpe_stamp(cfg, alive)})
-    lap("tokenizer")
-    enc = load_tokenizer(spec, tmp_dir)
-    try:
-        check_uint16(enc)
-    except ValueError as e:
-        raise DataError(f"tokenizer '{cfg['tokenizer']}' {e}") from None
-    inline = inline_spec(spec, tmp_dir)
-    tok_id = hashlib.blake2b(json.dumps(inline, sort_keys=True, default=lambda b: b.hex()).encode(), digest_size=16)
-    tasks, tok_seconds = [], 0.0
-    for u in range(len(units_spec)):
+        return {"kind": "bpe", "path": "tokenizer.bpe"}
+    candidates = np.flatnonzero(mix["train"])
+    candidates = candidates[np.argsort(uniform(units.keys[candidates, 0], cfg["seed"] + 3), kind="stable")]
+    n = int(np.searchsorted(np.cumsum(units.chars[candidates]), cfg["tokenizer_train_chars"])) + 1
+    sample = np.sort(candidates[:n])
+    spec = build_tokenizer(cfg, units, sample, mix["doc_epochs"][sample].tolist(), tmp_dir)
+    write_json(done, {"stamp": stamp})
+    return spec
+
+
+def tokenize_all(units, alive, reports, spec, work, workers):
+    """Tokenize every unit's kept documents in the workers (reusing finished units); core-seconds."""
+    tok_id = hashlib.blake2b(json.dumps(spec, sort_keys=True, default=bytes.hex).encode(), digest_size=16).hexdigest()
+    tasks, seconds = [], 0.0
+    for u in range(len(reports)):
         keep = alive[units.starts[u]:units.starts[u + 1]]
-        stamp = {"tokenizer": tok_id.hexdigest(), "keep": hashlib.blake2b(keep.tobytes(), digest_size=16).hexdigest(),
+        stamp = {"tokenizer": tok_id, "keep": hashlib.blake2b(keep.tobytes(), digest_size=16).hexdigest(),
                  "docs": reports[u]["stamp"]}
         done = finished(os.path.join(work, f"tok-{u:05d}.json"), stamp)
         if done:
-            tok_seconds += done["seconds"]
+            seconds += done["seconds"]
         else:
-            tasks.append((u, work, inline, keep, stamp))
-    tok_seconds += sum(r["seconds"] for _, r in in_workers(tokenize_stage, tasks, workers, f"tokenize ({workers} workers)"))
-    lap("tokenize")
-    n_train = write_split(os.path.join(tmp_dir, "train.bin"), train_order, units, alive, work)
-    n_val = write_split(os.path.join(tmp_dir, "val.bin"), val_order, units, alive, work)
-    lap("write")
-
-    core = Counter()
-    for r in reports:
-        core.update(r["seconds"])
-    core["tokenize"] = tok_seconds
-    mix = {s: {"documents": int((train & (src == i)).sum()), "chars": sizes[s], "epochs": round(epochs[s], 4),
-               "share": round(epochs[s] * sizes[s] / sum(sizes.values()), 4)} for i, s in enumerate(sources) if s in epochs}
-    read = Counter()
-    for r in reports:
-        read.update(r["read"])
-    mb = n_bytes / 1e6
-    return {"kind": "pretrain", "vocab_size": enc.n_vocab, "tokenizer": spec,
-            "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
-            "bytes_per_token": int(units.bytes[val].sum()) / n_val,
-            "train_tokens": n_train, "val_tokens": n_val, "train_documents": len(train_order),
-            "val_documents": len(val_order), "mix": mix, "filters": filters, "dedup": dedup, "read": dict(read),
-            "input": {"documents": n_read, "bytes": n_bytes, "units": len(units_spec), "workers": workers},
-            "seconds": timings, "mb_per_s": {k: round(mb / max(v, 1e-9), 2) for k, v in timings.items()}
-            | {"end_to_end": round(mb / max(sum(timings.values()), 1e-9), 2)},
-            "core_seconds": {k: round(v, 2) for k, v in core.items()},
-            "mb_per_core_s": {k: round(mb / max(v, 1e-9), 2) for k, v in core.items()},
-            "config": cfg}
+            tasks.append((u, work, spec, keep, stamp))
+    return seconds + sum(r["seconds"] for _, r in in_workers(tokenize_stage, tasks, workers, f"tokenize ({workers} workers)"))
 
 
-def bpe_stamp(cfg, alive):
-    keys = ("tokenizer", "vocab_size", "tokenizer_train_chars", "val_fraction", "seed", "mix_weights",
-            "mix_temperature", "sources")
-    return {"config": {k: cfg[k] for k in keys}, "alive": hashlib.blake2b(alive.tobytes(), digest_size=16).hexdigest()}
+RUN_KEYS = ("out_dir", "overwrite", "num_workers", "chunk_mb")  # where and how, not what
+
 
 # ----------------------------------------------------------------------------- downloading a corpus
 
@@ -1208,8 +1244,9 @@ def main():
         return
     for s, m in meta["mix"].items():
         print(f"  mix {s}: {m['documents']} docs, {m['chars'] / 1e6:.2f}M chars, x{m['epochs']:.2f} -> {m['share']:.1%}")
-    print("seconds: " + ", ".join(f"{k} {v}" for k, v in meta["seconds"].items())
-          + f"; total {sum(meta['seconds'].values()):.1f} ({meta['mb_per_s']['end_to_end']} MB/s)")
+    run = meta["run"]
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in run["seconds"].items())
+          + f"; total {sum(run['seconds'].values()):.1f} ({run['mb_per_s']['end_to_end']} MB/s)")
     print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"{meta['bytes_per_token']:.2f} bytes/token, vocab {meta['vocab_size']}")
 

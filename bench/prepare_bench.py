@@ -90,18 +90,18 @@ def run(corpus, workers, out, extra):
 
 
 def report(workers, wall, peak, meta):
-    mb = meta["input"]["bytes"] / 1e6
+    mb, run = meta["input"]["bytes"] / 1e6, meta["run"]
     print(f"\n== {workers} worker(s): {mb:,.0f} MB, {meta['input']['documents']:,} documents, "
-          f"{meta['input']['units']} units; wall {wall:.0f} s = {mb / wall:.2f} MB/s end to end "
+          f"{run['units']} units; wall {wall:.0f} s = {mb / wall:.2f} MB/s end to end "
           f"({mb / wall / workers:.2f} MB/s per worker)")
     print(f"   peak RSS of the whole job {peak['rss'] / 2 ** 20:,.0f} MiB; peak intermediates on disk "
           f"{peak['disk'] / 2 ** 30:.2f} GiB; output {meta['train_tokens'] + meta['val_tokens']:,} tokens")
     print("   stage          seconds    MB/s")
-    for stage, s in meta["seconds"].items():
-        print(f"   {stage:<14}{s:8.1f}{meta['mb_per_s'][stage]:8.1f}")
+    for stage, s in run["seconds"].items():
+        print(f"   {stage:<14}{s:8.1f}{run['mb_per_s'][stage]:8.1f}")
     print("   inside the workers (core-seconds, MB per core-second):")
-    for step, s in meta["core_seconds"].items():
-        print(f"   {step:<14}{s:8.1f}{meta['mb_per_core_s'][step]:8.2f}")
+    for step, s in run["core_seconds"].items():
+        print(f"   {step:<14}{s:8.1f}{run['mb_per_core_s'][step]:8.2f}")
     print(f"   dedup: {meta['dedup']}; filters: " + ", ".join(f"{k} {v['removed']}" for k, v in meta['filters'].items()))
 
 
