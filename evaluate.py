@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 import tasks
 from configurator import configure
-from model import GPT, autocast_context
-from tokenizer import load_tokenizer, render_chat
+from model import autocast_context, load_checkpoint
+from tokenizer import render_chat
 
 defaults = dict(
     out_dir="out",              # the checkpoint's directory (eval.json is written there)
@@ -133,17 +133,9 @@ def diversity(model, enc, prompts, temperature, generator):
     return out
 
 
-def load(path, device):
-    try:
-        model, ckpt = GPT.load(path, device)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(str(err))
-    return model, load_tokenizer(ckpt["tokenizer"]), ckpt
-
-
 def evaluate(cfg):
     device = cfg["device"]
-    model, enc, ckpt = load(cfg["out_dir"], device)
+    model, enc, ckpt = load_checkpoint(cfg["out_dir"], device)
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     results, t0 = {"checkpoint": cfg["out_dir"], "mode": ckpt.get("config", {}).get("mode")}, time.time()

@@ -127,17 +127,22 @@ def qkv_sizes(c):
 
 
 def to_hf_weights(model):
-    """Our state dict under Llama's names (the tied head is stored once, as the embedding)."""
-    c, sd = model.config, model.state_dict()
-    out = {"model.embed_tokens.weight": sd["wte.weight"]}
+    """Our state dict under Llama's names (the tied head is stored once, as the embedding). Raises
+    ValueError naming every parameter that has no Llama name: a part added to the model is refused
+    until it is mapped here, never silently left out of the export."""
+    c, sd = model.config, dict(model.state_dict())
+    out = {"model.embed_tokens.weight": sd.pop("wte.weight")}
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        for name, t in zip(QKV, sd[ours + "attn.c_attn.weight"].split(qkv_sizes(c))):
+        for name, t in zip(QKV, sd.pop(ours + "attn.c_attn.weight").split(qkv_sizes(c))):
             out[theirs + name] = t
-        out.update({theirs + hf: sd[ours + name] for name, hf in LAYER_NAMES.items()})
-    out["model.norm.weight"] = sd["norm.weight"]
+        out.update({theirs + hf: sd.pop(ours + name) for name, hf in LAYER_NAMES.items()})
+    out["model.norm.weight"] = sd.pop("norm.weight")
+    head = sd.pop("lm_head.weight")
     if not c.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        out["lm_head.weight"] = head
+    if sd:
+        raise ValueError(f"no Hugging Face Llama name for {', '.join(sorted(sd))}: map it in export.to_hf_weights")
     return out
 
 
@@ -356,9 +361,12 @@ def export(cfg):
                                   "pad_token": "<|pad|>" if "<|pad|>" in special else None,
                                   "chat_template": CHAT_TEMPLATE if "<|im_start|>" in special else None},
     }
+    try:
+        weights = to_hf_weights(model)
+    except ValueError as e:
+        sys.exit(f"cannot export {cfg['ckpt']}: {e}")
     with staged_dir(cfg["out"], cfg["overwrite"]) as tmp:
-        write_safetensors({k: v.to(dtype) for k, v in to_hf_weights(model).items()},
-                          os.path.join(tmp, "model.safetensors"))
+        write_safetensors({k: v.to(dtype) for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
         for name, content in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=1 if name != "tokenizer.json" else None)

@@ -6,6 +6,7 @@ The layout follows Llama (rotary rotates the two halves of each head), so weight
 """
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
+    """The architecture. Every field is also a config key of train.py (--n_layer=8, --rope_theta=5e5, ...):
+    a field added here, with a default, can be set from a config file or the command line at once."""
     vocab_size: int = 50304
     block_size: int = 1024
     n_layer: int = 12
@@ -36,6 +39,18 @@ class GPTConfig:
             raise ValueError(f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for rotary")
         if not self.hidden_dim:
             self.hidden_dim = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+def config_from_checkpoint(ckpt, dropout=0.0):
+    """The GPTConfig a checkpoint dict (train.py's format) was trained with."""
+    return GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
+
+
+def residual_projection(n_in, n_out):
+    """A linear layer that writes into the residual stream; GPT.__init__ scales its initialization."""
+    layer = nn.Linear(n_in, n_out, bias=False)
+    layer.writes_residual = True
+    return layer
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +108,7 @@ class Attention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         # q, k and v projections fused into one matmul: n_head query heads, n_kv_head key and value heads
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = residual_projection(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask=None, cache=None):
@@ -122,7 +137,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
         self.up = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
-        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+        self.c_proj = residual_projection(config.hidden_dim, config.n_embd)
         self.dropout = config.dropout
 
     def forward(self, x):
@@ -172,14 +187,14 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2 scheme: the projections that write into the residual stream are scaled by 1/sqrt(2*n_layer)
         # so the stream's variance does not grow with depth
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for module in self.modules():
+            if getattr(module, "writes_residual", False):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @classmethod
     def from_checkpoint(cls, ckpt, dropout=0.0):
         """The model a checkpoint dict (train.py's format) describes, with its weights."""
-        model = cls(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
+        model = cls(config_from_checkpoint(ckpt, dropout))
         model.load_state_dict(ckpt["model"])
         return model
 
@@ -274,6 +289,34 @@ class GPT(nn.Module):
                 if done.all():
                     break
         return idx
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, its tokenizer, the checkpoint dict) of out_dir/ckpt.pt or a .pt file, for the
+    scripts that sample and evaluate; exits naming a missing or unreadable file."""
+    from tokenizer import load_tokenizer
+    try:
+        model, ckpt = GPT.load(path, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    return model, load_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperature=0.0, top_k=None,
+               top_p=None, generator=None):
+    """The model's next assistant message(s) after `messages` in the chat template of tokenizer.py;
+    generation stops at <|im_end|>."""
+    from tokenizer import render_chat
+    ids, _ = render_chat(enc, messages, generation_prompt=True)
+    device = next(model.parameters()).device
+    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    end = enc.encode_single_token("<|im_end|>")
+    out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
+    replies = []
+    for row in out[:, min(len(ids), model.config.block_size):].tolist():
+        row = row[:row.index(end)] if end in row else row
+        replies.append(enc.decode([t for t in row if t < enc.n_vocab]))  # not the vocabulary's padding
+    return replies
 
 
 def autocast_context(dtype, device_type):

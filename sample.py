@@ -12,8 +12,8 @@ import time
 import torch
 
 from configurator import configure
-from model import GPT, autocast_context
-from tokenizer import chat_reply, eot_token, load_tokenizer
+from model import autocast_context, chat_reply, load_checkpoint
+from tokenizer import eot_token
 
 defaults = dict(
     out_dir="out",          # directory holding ckpt.pt (or the path of a .pt file)
@@ -30,15 +30,6 @@ defaults = dict(
     prompt="",              # one chat turn: print the reply to this user message and exit
     system="",              # optional system prompt for chat and prompt
 )
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, tokenizer, checkpoint dict); exits naming a missing or unreadable file."""
-    try:
-        model, ckpt = GPT.load(path, device)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(str(e))
-    return model, load_tokenizer(ckpt["tokenizer"]), ckpt
 
 
 def chat(model, enc, cfg, ctx):

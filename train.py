@@ -11,15 +11,16 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import GPT, GPTConfig, autocast_context, doc_ids_from_eot
+from model import GPT, GPTConfig, autocast_context, config_from_checkpoint, doc_ids_from_eot
 from tokenizer import inline_spec
 
 defaults = dict(
@@ -42,7 +43,9 @@ defaults = dict(
     block_size=256,
     gradient_accumulation_steps=1,  # summed over all processes: divided by the number of ranks
     doc_mask=False,             # attend only within each document of a packed window
-    # model (taken from the checkpoint instead when init_from is a path)
+    # model: every field of model.GPTConfig is a key (rope_theta, norm_eps, tie_embeddings, ... at
+    # GPTConfig's defaults, added below); these differ from its defaults. From the checkpoint instead when
+    # init_from is a path.
     n_layer=4,
     n_head=4,
     n_kv_head=4,
@@ -75,6 +78,11 @@ defaults = dict(
     seed=1337,
     peak_flops=0.0,             # device peak FLOP/s for MFU; 0 = known GPUs' bf16 dense peak, else no MFU
 )
+
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the vocabulary is the data's
+defaults = {**{f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS}, **defaults}
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # mode='dpo': see preference_loss
+REFERENCE_FREE = ("simpo", "orpo")
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
@@ -123,7 +131,33 @@ def open_tokens(path, vocab_size, min_len, dtype=np.uint16):
     return data
 
 
-class PretrainBatches:
+class Batches:
+    """What train() asks of a mode's data, and nothing else:
+      meta                        the dataset's meta.json
+      get(split, n, generator)    a batch dict of n rows of 'train' or 'val', drawn by generator
+                                  (evaluation passes a fresh seeded one, so every eval sees the same rows)
+      next_train(n, sampler)      the training stream's next n rows; by default get('train') with the
+                                  run's shared sampler, whose state the checkpoint saves
+      count(batch)                how many loss terms the batch holds: a step's summed loss is divided by
+                                  the total over all its micro-batches and ranks; by default the targets
+      state(), load_state(s)      the stream's position beyond the sampler, saved in the checkpoint"""
+    kind = None
+
+    def next_train(self, n, sampler):
+        return self.get("train", n, sampler)
+
+    @staticmethod
+    def count(batch):
+        return (batch["targets"] != -100).sum()
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+
+class PretrainBatches(Batches):
     """Random windows of block_size+1 tokens from data_dir/{train,val}.bin (flat uint16 streams)."""
     kind = "pretrain"
 
@@ -138,21 +172,6 @@ class PretrainBatches:
             fail(f"doc_mask=True needs '<|endoftext|>' in special_tokens of {data_dir}/meta.json")
         self.doc_mask = cfg["doc_mask"]
 
-    @staticmethod
-    def count(batch):
-        """How many loss terms the batch holds: the steps' losses are divided by their total."""
-        return (batch["targets"] != -100).sum()
-
-    def next_train(self, n, sampler):
-        """The training stream: n random windows from the shared, checkpointed generator."""
-        return self.get("train", n, sampler)
-
-    def state(self):
-        return {}  # the position is the shared batch generator's state, saved by train()
-
-    def load_state(self, state):
-        pass
-
     def get(self, split, n, generator):
         # a fresh memmap per batch, as nanoGPT does: the pages a long run touches in a multi-GB file
         # would otherwise stay mapped and count in the process's RSS (bench/memmap_rss.py: +3.8 GB of
@@ -166,7 +185,7 @@ class PretrainBatches:
         return batch
 
 
-class SFTBatches:
+class SFTBatches(Batches):
     """Chat examples (data_dir/{split}.bin, .mask.bin, .idx) packed whole into rows of block_size.
     Each example predicts only its own next tokens, only where the mask is 1 (the assistant's), and
     attends only within itself (doc_ids). The training stream walks a seeded permutation per epoch, so
@@ -206,10 +225,6 @@ class SFTBatches:
         if self.pos == len(self.order):
             self.epoch, self.pos, self.order = self.epoch + 1, 0, self._order(self.epoch + 1)
 
-    @staticmethod
-    def count(batch):
-        return (batch["targets"] != -100).sum()
-
     def next_train(self, n, sampler):
         """The training stream: the next n rows of the epoch's order."""
         return self._rows("train", n, None)
@@ -248,12 +263,7 @@ class SFTBatches:
         return {"idx": idx, "targets": targets, "doc_ids": doc_ids}
 
 
-def next_token_loss(model, batch):
-    """Cross-entropy summed over the batch's targets (-100 = not a target); no extra metrics."""
-    return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1], {}
-
-
-class PreferenceBatches:
+class PreferenceBatches(Batches):
     """Preference pairs (data_dir/{split}.bin, and .idx: int64 rows of prompt, chosen, rejected, end
     offsets). A batch of n pairs is 2n rows, the n chosen sequences then the n rejected ones, each the
     prompt followed by its completion, padded to the longest; only completion tokens are targets."""
@@ -271,15 +281,6 @@ class PreferenceBatches:
             if longest - 1 > cfg["block_size"]:
                 fail(f"'{data_dir}/{split}' has a pair of {longest} tokens: raise block_size to {longest - 1}")
             self.splits[split] = (tokens, spans)
-
-    def next_train(self, n, sampler):
-        return self.get("train", n, sampler)
-
-    def state(self):
-        return {}  # the position is the shared batch generator's state
-
-    def load_state(self, state):
-        pass
 
     @staticmethod
     def count(batch):
@@ -304,6 +305,14 @@ class PreferenceBatches:
         return {"idx": idx, "targets": targets, "n_pairs": torch.tensor(n)}
 
 
+# ----------------------------------------------------------------------------- the losses
+# Each returns (loss summed over the batch's counted terms, {metric: summed value}).
+
+def next_token_loss(model, batch):
+    """Cross-entropy summed over the batch's targets (-100 = not a target); no extra metrics."""
+    return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1], {}
+
+
 def sequence_logps(logits, targets):
     """Per row: the summed log-probability of its targets, and how many there are (-100 = none)."""
     mask = targets != -100
@@ -323,7 +332,6 @@ def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
               log-odds(y) = a - log(1 - e^a) with a the averaged log-prob
     Rewards: beta * (pi - ref), or beta * avg pi without a reference."""
     beta, kind = cfg["beta"], cfg["loss_type"]
-    F = torch.nn.functional
     avg_c, avg_r = pi_c / len_c, pi_r / len_r
     if kind in ("simpo", "orpo"):
         rewards = beta * avg_c, beta * avg_r
@@ -344,10 +352,6 @@ def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
         eps = cfg["label_smoothing"]
         return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps), rewards
     raise ValueError(f"loss_type '{kind}' is not one of {LOSS_TYPES}")
-
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
 
 
 class PreferenceLoss:
@@ -373,8 +377,22 @@ class PreferenceLoss:
         return losses.sum(), {k: v.detach() for k, v in stats.items()}
 
 
-MODES = {"pretrain": (PretrainBatches, next_token_loss), "sft": (SFTBatches, next_token_loss),
-         "dpo": (PreferenceBatches, PreferenceLoss)}
+def next_token(cfg, first_cfg, device):
+    return next_token_loss
+
+
+def preference(cfg, first_cfg, device):
+    return PreferenceLoss(cfg, load_reference(cfg, first_cfg, device))
+
+
+# mode -> (its batch source, a loss factory(cfg, first_cfg, device) -> loss_fn(model, batch)); first_cfg is
+# the config the run began with (a resumed run's is in its checkpoint). A new mode (KTO, a reward model)
+# is a Batches subclass if its data differs, a loss, and one line here.
+MODES = {
+    "pretrain": (PretrainBatches, next_token),
+    "sft": (SFTBatches, next_token),
+    "dpo": (PreferenceBatches, preference),
+}
 
 
 def to_device(batch, device):
@@ -429,74 +447,66 @@ def save_checkpoint(state, out_dir):
     os.replace(path + ".tmp", path)
 
 
-MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "hidden_dim", "block_size")
-
-
 def model_config(cfg, vocab_size, ckpt):
     """The architecture: from the config when training from scratch, else the checkpoint's."""
     if ckpt is None:
         # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
-        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), dropout=cfg["dropout"],
-                         **{k: cfg[k] for k in MODEL_KEYS})
-    if cfg["init_from"] == "resume":  # the run must go on as it was configured
-        diff = [f"{k}={cfg[k]} here but {ckpt['config'][k]} in the checkpoint" for k in MODEL_KEYS
-                if cfg[k] != ckpt["config"][k]]
+        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), **{k: cfg[k] for k in MODEL_KEYS})
+    if cfg["init_from"] == "resume":  # the run must go on as it was configured (dropout may change)
+        saved = {**ckpt["model_config"], **ckpt["config"]}  # the run's settings, or its model's for a key it lacks
+        diff = [f"{k}={cfg[k]} here but {saved[k]} in the checkpoint" for k in MODEL_KEYS
+                if k != "dropout" and cfg[k] != saved[k]]
         if diff:
             fail("cannot resume: this config's model differs from the checkpoint's run: " + ", ".join(diff))
     if cfg["block_size"] > ckpt["model_config"]["block_size"]:
         fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
     if vocab_size > ckpt["model_config"]["vocab_size"]:
         fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
-    return GPTConfig(**{**ckpt["model_config"], "dropout": cfg["dropout"]})
+    return config_from_checkpoint(ckpt, cfg["dropout"])
 
 
-def load_reference(cfg, run_cfg, device):
-    """The frozen reference policy for DPO: ref_from, or the checkpoint the run first started from
-    (run_cfg: the config the run began with, which a resumed run reads from its checkpoint)."""
+def load_reference(cfg, first_cfg, device):
+    """The frozen reference policy for DPO: ref_from, or the checkpoint the run first started from."""
     if cfg["loss_type"] in REFERENCE_FREE:
         return None
-    path = cfg["ref_from"] or run_cfg["ref_from"] or run_cfg["init_from"]
+    path = cfg["ref_from"] or first_cfg["ref_from"] or first_cfg["init_from"]
     if path in ("scratch", "resume"):
         fail("mode='dpo' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
     return GPT.from_checkpoint(read_checkpoint(path)).to(device).eval().requires_grad_(False)
 
+# ----------------------------------------------------------------------------- set-up
 
-def train(cfg):
-    # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = "RANK" in os.environ
+
+def setup_distributed(cfg):
+    """(ddp, rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process then
+    drives one GPU (nccl) or shares the CPU (gloo)."""
     device = cfg["device"]
-    if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def check_config(cfg, world):
+    """Refuse, naming the key, what the run cannot do."""
     if cfg["gradient_accumulation_steps"] % world:
         fail(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple of "
              f"the {world} processes")
-    accum = cfg["gradient_accumulation_steps"] // world
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    try:
-        ctx = autocast_context(cfg["dtype"], device_type)
-    except ValueError as e:
-        fail(str(e))
-    torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
-
     if cfg["mode"] not in MODES:
         fail(f"mode '{cfg['mode']}' is not one of {sorted(MODES)}")
-    Batches, loss_fn = MODES[cfg["mode"]]
     if cfg["mode"] == "dpo" and cfg["loss_type"] not in LOSS_TYPES:
         fail(f"loss_type '{cfg['loss_type']}' is not one of {LOSS_TYPES}")
     if not 0 <= cfg["label_smoothing"] < 0.5:
         fail(f"label_smoothing={cfg['label_smoothing']} must lie in [0, 0.5)")
-    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
-    batches = Batches(data_dir, cfg)
 
+
+def restore(cfg, batches, device):
+    """The model, its optimizer and the run's progress: from scratch, from a checkpoint's weights
+    (init_from=PATH), or everything as it was saved (init_from='resume': optimizer, iteration, the data
+    position and the random number generators, so the run goes on exactly)."""
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
@@ -505,27 +515,99 @@ def train(cfg):
                  f"init_from={cfg['out_dir']}/ckpt.pt")
     elif cfg["init_from"] != "scratch":
         ckpt = read_checkpoint(cfg["init_from"])
-    raw_model = GPT(model_config(cfg, batches.meta["vocab_size"], ckpt))
+    model = GPT(model_config(cfg, batches.meta["vocab_size"], ckpt))
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-    raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                               (cfg["beta1"], cfg["beta2"]), device_type)
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                           device.split(":")[0])
     sampler = torch.Generator().manual_seed(cfg["seed"])  # draws every batch; its state is the data position
-    iter_num, best_val_loss, loss_ema = 0, float("inf"), None
+    progress = {"iter_num": 0, "best_val_loss": float("inf"), "loss_ema": None, "first_cfg": cfg}
     if cfg["init_from"] == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss, loss_ema = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["loss_ema"]
+        progress.update({k: ckpt[k] for k in ("iter_num", "best_val_loss", "loss_ema")}, first_cfg=ckpt["config"])
         sampler.set_state(ckpt["rng"]["sampler"])
         batches.load_state(ckpt["data_state"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+        if device.startswith("cuda") and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    run_cfg = ckpt["config"] if cfg["init_from"] == "resume" else cfg
-    ckpt = None  # free the memory
+    return model, optimizer, sampler, progress
 
-    if loss_fn is PreferenceLoss:  # the one loss that carries a model of its own
-        loss_fn = PreferenceLoss(cfg, load_reference(cfg, run_cfg, device))
+
+class Log:
+    """metrics.jsonl (and wandb) on the master process."""
+
+    def __init__(self, cfg, master):
+        self.file = self.wandb = None
+        if master:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+            self.file = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a")
+            if cfg["wandb_log"]:
+                import wandb
+                self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+
+    def __call__(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, world):
+    """Forward and backward over the step's micro-batches, accumulating gradients; returns the step's loss.
+    One shared draw of the whole step's micro-batches; this rank takes its slice. Every mode's loss is a
+    sum over counted terms; the step's loss is the sum over all micro-batches and ranks divided by the
+    total count, so each term weighs the same however the batch is split."""
+    accum = cfg["gradient_accumulation_steps"] // world
+    step = [batches.next_train(cfg["batch_size"], sampler) for _ in range(accum * world)]
+    micro = [to_device(b, device) for b in step[rank * accum:(rank + 1) * accum]]
+    n_terms = sum(batches.count(b) for b in micro).float()
+    if ddp:
+        dist.all_reduce(n_terms)
+    step_loss = torch.zeros((), device=device)
+    try:
+        for i, batch in enumerate(micro):
+            if ddp:  # all-reduce gradients only after the last micro-batch
+                model.require_backward_grad_sync = i == accum - 1
+            with ctx:
+                loss = loss_fn(model, batch)[0] / n_terms * world  # DDP averages gradients over ranks; undo it
+            loss.backward()
+            step_loss += loss.detach() / world
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        fail(f"a micro-batch of batch_size={cfg['batch_size']} x block_size={cfg['block_size']} does not fit "
+             f"in memory on {device}: lower batch_size and raise gradient_accumulation_steps")
+    if ddp:
+        dist.all_reduce(step_loss)
+    return step_loss
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg):
+    ddp, rank, world, device = setup_distributed(cfg)
+    master, device_type = rank == 0, device.split(":")[0]
+    check_config(cfg, world)
+    try:
+        ctx = autocast_context(cfg["dtype"], device_type)
+    except ValueError as e:
+        fail(str(e))
+    torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
+    Batches, make_loss = MODES[cfg["mode"]]
+    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
+    batches = Batches(data_dir, cfg)
+    raw_model, optimizer, sampler, progress = restore(cfg, batches, device)
+    loss_fn = make_loss(cfg, progress["first_cfg"], device)
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
@@ -539,24 +621,11 @@ def train(cfg):
     bytes_per_token = batches.meta.get("bytes_per_token")
     tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
     stop_at = cfg["max_iters"] if cfg["stop_at_iter"] < 0 else min(cfg["stop_at_iter"], cfg["max_iters"])
-
-    metrics_file, run = None, None
+    log = Log(cfg, master)
     if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        metrics_file = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a")
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
-              f"{world} process(es) x {accum} micro-batches of {cfg['batch_size']}x{cfg['block_size']}, "
-              f"{'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}")
-        if cfg["wandb_log"]:
-            import wandb
-            run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-
-    def log(record):
-        if master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if run is not None:
-                run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, {world} "
+              f"process(es) x {cfg['gradient_accumulation_steps'] // world} micro-batches of {cfg['batch_size']}x"
+              f"{cfg['block_size']}, {'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}")
 
     def checkpoint():
         if master:
@@ -565,15 +634,16 @@ def train(cfg):
                 rng["cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint({"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                              "config": cfg, "optimizer": optimizer.state_dict(), "iter_num": iter_num,
-                             "best_val_loss": best_val_loss, "loss_ema": loss_ema, "rng": rng,
-                             "data_state": batches.state(),
-                             "tokenizer": tokenizer, "data_meta": batches.meta},
+                             "best_val_loss": progress["best_val_loss"], "loss_ema": loss_ema, "rng": rng,
+                             "data_state": batches.state(), "tokenizer": tokenizer, "data_meta": batches.meta},
                             cfg["out_dir"])
 
-    bad_steps, t_last, iters_timed, start_iter = 0, time.perf_counter(), 0, iter_num
+    iter_num, loss_ema, start_iter = progress["iter_num"], progress["loss_ema"], progress["iter_num"]
+    bad_steps, t_last, iters_timed = 0, time.perf_counter(), 0
     while True:
-        due = cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at)
-        if due and not (iter_num == start_iter > 0):  # a resumed run was evaluated at this iter already
+        resumed_here = iter_num == start_iter and start_iter > 0  # evaluated before the checkpoint was saved
+        eval_due = cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at)
+        if eval_due and not resumed_here:
             losses = estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world)
             record = {"iter": iter_num, "train_loss": losses.pop("train"), "val_loss": losses.pop("val"),
                       **losses}  # and a mode's own metrics on val (DPO: rewards/..., logps/...)
@@ -582,9 +652,10 @@ def train(cfg):
             if master:
                 print(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "iter"))
             log(record)
-            improved = record["val_loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, record["val_loss"])
-            if iter_num > 0 and (improved or cfg["always_save_checkpoint"] or iter_num == stop_at < cfg["max_iters"]):
+            improved = record["val_loss"] < progress["best_val_loss"]
+            progress["best_val_loss"] = min(progress["best_val_loss"], record["val_loss"])
+            stopping_early = iter_num == stop_at and stop_at < cfg["max_iters"]
+            if iter_num > 0 and (improved or cfg["always_save_checkpoint"] or stopping_early):
                 checkpoint()
             t_last, iters_timed = time.perf_counter(), 0  # keep eval out of the step timings
         if iter_num >= stop_at:
@@ -593,35 +664,11 @@ def train(cfg):
         lr = get_lr(iter_num, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # one shared draw of the whole step's micro-batches; this rank takes its slice
-        step = [batches.next_train(cfg["batch_size"], sampler) for _ in range(accum * world)]
-        micro = [to_device(b, device) for b in step[rank * accum:(rank + 1) * accum]]
-        # every mode's loss is a sum over counted terms; the step's loss is the sum over all micro-batches
-        # and ranks divided by the total count, so each term weighs the same however batches are split
-        count = sum(batches.count(b) for b in micro).float()
-        if ddp:
-            dist.all_reduce(count)
-        step_loss = torch.zeros((), device=device)
-        try:
-            for i, batch in enumerate(micro):
-                if ddp:  # all-reduce gradients only after the last micro-batch
-                    model.require_backward_grad_sync = i == accum - 1
-                with ctx:
-                    loss = loss_fn(model, batch)[0] / count * world  # DDP averages gradients over ranks; undo it
-                loss.backward()
-                step_loss += loss.detach() / world
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                raise
-            fail(f"a micro-batch of batch_size={cfg['batch_size']} x block_size={cfg['block_size']} does not fit "
-                 f"in memory on {device}: lower batch_size and raise gradient_accumulation_steps")
-        if ddp:
-            dist.all_reduce(step_loss)
+        step_loss = train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, world)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
         loss_val, norm_val = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
-
-        spike = (cfg["spike_factor"] > 0 and loss_ema is not None and loss_val > cfg["spike_factor"] * loss_ema)
-        if not math.isfinite(loss_val) or not math.isfinite(norm_val) or spike:
+        spike = cfg["spike_factor"] > 0 and loss_ema is not None and loss_val > cfg["spike_factor"] * loss_ema
+        if not math.isfinite(loss_val) or not math.isfinite(norm_val) or spike:  # skip this update
             bad_steps += 1
             reason = "spike" if spike else "non-finite"
             if master:
@@ -650,12 +697,9 @@ def train(cfg):
                   f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""))
             log(record)
 
-    if master:
-        if cfg["eval_interval"] <= 0:
-            checkpoint()
-        metrics_file.close()
-        if run is not None:
-            run.finish()
+    if master and cfg["eval_interval"] <= 0:
+        checkpoint()
+    log.close()
     if ddp:
         dist.destroy_process_group()
 

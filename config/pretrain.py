@@ -10,7 +10,7 @@
 # 5,000 steps = 2.6B tokens (Chinchilla's ~20 tokens per parameter).
 # Time: not measured yet (no GPU was available when this was written). The arithmetic: 2.6B tokens
 # x 855 MFLOPs = 2.24e18 FLOPs; at 40% MFU of 8 x 989 TFLOP/s (H100 bf16 dense) that is ~12 minutes,
-# at nanoGPT's 37% of 8 x 312 TFLOP/s (A100) ~41 minutes. Replace with a measurement (issue 9).
+# at nanoGPT's 37% of 8 x 312 TFLOP/s (A100) ~41 minutes. Replace with a measurement.
 out_dir = "out/pretrain"
 dataset = "pretrain"
 n_layer = 12

@@ -15,7 +15,8 @@ TEXT = (b"The quick brown fox jumps over the lazy dog. " b"Pack my box with five
 
 
 def write_pretrain_data(path, train=TEXT, val=TEXT[:3000], **meta):
-    """A byte-level dataset in the on-disk format of DESIGN.md."""
+    """A byte-level dataset in the minimal on-disk format train.py reads: uint16 train.bin and val.bin,
+    and a meta.json with kind and vocab_size."""
     path.mkdir(parents=True, exist_ok=True)
     np.frombuffer(train, dtype=np.uint8).astype(np.uint16).tofile(path / "train.bin")
     np.frombuffer(val, dtype=np.uint8).astype(np.uint16).tofile(path / "val.bin")

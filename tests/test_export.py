@@ -262,3 +262,13 @@ def test_prepare_refuses_a_vocabulary_beyond_uint16(tmp_path):
                    "--task_examples=10", f"--out_dir={tmp_path}/data/sft")
     assert r.returncode != 0 and "ids up to 128003" in r.stderr and "big" in r.stderr
     assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")
+
+
+def test_export_refuses_a_parameter_it_cannot_name(tmp_path, bpe):
+    """A part added to the model (here a QK-norm gain, as a forker might add) is refused by name, not
+    silently left out of the exported weights."""
+    from model import RMSNorm
+    model = write_checkpoint(tmp_path / "run", bpe)
+    model.blocks[1].attn.q_norm = RMSNorm(16, 1e-6)
+    with pytest.raises(ValueError, match=r"no Hugging Face Llama name for blocks\.1\.attn\.q_norm\.weight"):
+        export.to_hf_weights(model)

@@ -145,6 +145,9 @@ def test_init_scales_residual_projections():
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=8, n_head=4, n_kv_head=4, n_embd=256))
     assert abs(model.blocks[0].mlp.gate.weight.std().item() - 0.02) < 0.002
     assert abs(model.blocks[0].mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.0005
+    # the scaled layers are the ones marked as writing into the residual stream, whatever their names
+    marked = [m for m in model.modules() if getattr(m, "writes_residual", False)]
+    assert marked == [layer for b in model.blocks for layer in (b.attn.c_proj, b.mlp.c_proj)]
 
 
 def test_optimizer_decays_matrices_only():

@@ -95,6 +95,11 @@ def test_wandb_offline(tiny_data):
     assert any(f.endswith(".wandb") for f in os.listdir(tiny_data / "wandb" / runs[0]))
 
 
+def with_loss(loss_fn):
+    """A MODES entry for pretraining whose loss factory returns loss_fn."""
+    return train.PretrainBatches, lambda cfg, first_cfg, device: loss_fn
+
+
 def nan_on_calls(bad_calls):
     """next_token_loss, but NaN on the given training calls (eval runs under no_grad and is left alone)."""
     calls = []
@@ -119,7 +124,7 @@ def in_process_config(root, **kw):
 
 
 def test_nan_batch_is_skipped(tiny_data, monkeypatch):
-    monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, nan_on_calls({3})))
+    monkeypatch.setitem(train.MODES, "pretrain", with_loss(nan_on_calls({3})))
     train.train(in_process_config(tiny_data))
     metrics = read_metrics(tiny_data / "out")
     assert [m["iter"] for m in metrics if "skipped" in m] == [2]
@@ -129,7 +134,7 @@ def test_nan_batch_is_skipped(tiny_data, monkeypatch):
 
 
 def test_repeated_bad_steps_stop_without_checkpoint(tiny_data, monkeypatch, capsys):
-    monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, nan_on_calls(set(range(4, 100)))))
+    monkeypatch.setitem(train.MODES, "pretrain", with_loss(nan_on_calls(set(range(4, 100)))))
     with pytest.raises(SystemExit):
         train.train(in_process_config(tiny_data, max_bad_steps=2))
     assert "2 bad steps in a row" in capsys.readouterr().err
@@ -146,7 +151,7 @@ def test_loss_spike_is_skipped(tiny_data, monkeypatch):
             calls.append(1)
             return (loss * 10 if len(calls) == 4 else loss), stats
         return loss, stats
-    monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, spiky))
+    monkeypatch.setitem(train.MODES, "pretrain", with_loss(spiky))
     train.train(in_process_config(tiny_data))
     assert [m["skipped"] for m in read_metrics(tiny_data / "out") if "skipped" in m] == ["spike"]
 
@@ -191,9 +196,21 @@ def test_resume_with_other_model_refuses_and_keeps_checkpoint(tiny_data):
 def test_out_of_memory_names_the_batch(tiny_data, monkeypatch, capsys):
     def too_big(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-    monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, too_big))
+    monkeypatch.setitem(train.MODES, "pretrain", with_loss(too_big))
     with pytest.raises(SystemExit):
         train.train(in_process_config(tiny_data, eval_interval=0))
     err = capsys.readouterr().err
     assert "batch_size=4 x block_size=32 does not fit in memory" in err
     assert not os.path.exists(tiny_data / "out" / "ckpt.pt")
+
+
+def test_every_model_field_is_a_config_key(tiny_data):
+    """GPTConfig's fields are train.py's keys with no list to keep in step: set rope_theta, norm_eps and
+    tie_embeddings on the command line and find them in the checkpoint's model."""
+    import dataclasses
+    from model import GPTConfig
+    assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"} <= set(train.defaults)
+    train_run(tiny_data, "knobs", "--max_iters=1", "--eval_interval=0", "--rope_theta=500.0", "--norm_eps=1e-3",
+              "--tie_embeddings=False")
+    model_config = torch.load(tiny_data / "knobs" / "ckpt.pt", weights_only=True)["model_config"]
+    assert (model_config["rope_theta"], model_config["norm_eps"], model_config["tie_embeddings"]) == (500.0, 1e-3, False)
