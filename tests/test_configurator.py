@@ -33,3 +33,15 @@ def test_unknown_key_in_file(tmp_path):
     cfg_file.write_text("batchsize = 4\n")
     with pytest.raises(SystemExit, match=r"c.py': unknown config key 'batchsize'"):
         configure(DEFAULTS, [str(cfg_file)])
+
+
+def test_a_single_string_is_a_list_of_one():
+    assert configure({"plot": []}, ["--plot=out/run"]) == {"plot": ["out/run"]}
+
+
+def test_progress_writes_plain_lines_when_not_on_a_terminal(capsys):
+    from configurator import progress
+    for _ in progress(range(1000), desc="work", mininterval=0):
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n") and "work: 100%" in err.splitlines()[-1]
