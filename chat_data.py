@@ -18,8 +18,8 @@ import sys
 from collections import Counter
 
 import numpy as np
-from tqdm import tqdm
 
+from configurator import progress
 from tokenizer import check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
 
 
@@ -27,24 +27,48 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 
 
+def turn(m, role_key="role", content_key="content"):
+    if not isinstance(m, dict) or role_key not in m or content_key not in m:
+        raise ValueError(f"a turn must be an object with '{role_key}' and '{content_key}', not {str(m)[:40]!r}")
+    return {"role": m[role_key], "content": m[content_key]}
+
+
+def turns(value, field):
+    if not isinstance(value, list):
+        raise ValueError(f"'{field}' must be a list of turns")
+    return value
+
+
 def to_messages(record):
-    """An Alpaca, ShareGPT/Vicuna or OpenAI-messages record as [{role, content}], checked: known roles,
-    no empty turn, ends with an assistant turn. Raises ValueError saying what is wrong."""
-    if "messages" in record:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    """An Alpaca, ShareGPT/Vicuna or OpenAI-messages record (or a bare list of messages) as
+    [{role, content}], checked: known roles, no empty turn, ends with an assistant turn. Raises
+    ValueError saying what is wrong."""
+    if isinstance(record, list):
+        msgs = [turn(m) for m in record]
+    elif not isinstance(record, dict):
+        raise ValueError(f"a record must be an object or a list of messages, not {type(record).__name__}")
+    elif "messages" in record:
+        msgs = [turn(m) for m in turns(record["messages"], "messages")]
     elif "conversations" in record or "conversation" in record:
+        key = "conversations" if "conversations" in record else "conversation"
         msgs = []
-        for turn in record.get("conversations", record.get("conversation")):
-            if "from" in turn:
-                if turn["from"] not in SHAREGPT_ROLES:
-                    raise ValueError(f"unknown role '{turn['from']}'")
-                msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+        for t in turns(record[key], key):
+            if isinstance(t, dict) and "from" in t:
+                if t["from"] not in SHAREGPT_ROLES:
+                    raise ValueError(f"unknown role '{t['from']}'")
+                msgs.append({**turn(t, "from", "value"), "role": SHAREGPT_ROLES[t["from"]]})
             else:
-                msgs.append({"role": turn["role"], "content": turn["content"]})
+                msgs.append(turn(t))
     elif "instruction" in record:
+        for key in ("instruction", "output"):
+            if key not in record:
+                raise ValueError(f"Alpaca record without its '{key}' field")
+        for key in ("instruction", "input", "output", "system"):
+            if not isinstance(record.get(key, ""), str):
+                raise ValueError(f"Alpaca '{key}' must be a string, not {type(record[key]).__name__}")
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         msgs = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + \
-            [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
+            [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
         raise ValueError("not an Alpaca (instruction, output), ShareGPT (conversations) or messages record")
     return check_turns(msgs, last="assistant")
@@ -55,7 +79,9 @@ def check_turns(msgs, last):
     for m in msgs:
         if m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"unknown role '{m['role']}'")
-        if not isinstance(m["content"], str) or not m["content"].strip():
+        if not isinstance(m["content"], str):
+            raise ValueError(f"a {m['role']} turn's content must be a string, not {type(m['content']).__name__}")
+        if not m["content"].strip():
             raise ValueError(f"empty {m['role']} turn")
     if not msgs or msgs[-1]["role"] != last:
         raise ValueError(f"the conversation does not end with a{'n' if last == 'assistant' else ''} {last} turn")
@@ -65,22 +91,26 @@ def check_turns(msgs, last):
 def to_pair(record):
     """(prompt messages, chosen reply, rejected reply) of a preference record: plain strings, or TRL's
     conversational form (prompt a message list, chosen and rejected one-assistant-message lists)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a preference record must be an object, not {type(record).__name__}")
     for key in ("prompt", "chosen", "rejected"):
         if key not in record:
             raise ValueError(f"missing field '{key}'")
     prompt = record["prompt"]
     msgs = check_turns([{"role": "user", "content": prompt}] if isinstance(prompt, str) else
-                       [{"role": m["role"], "content": m["content"]} for m in prompt], last="user")
+                       [turn(m) for m in turns(prompt, "prompt")], last="user")
     replies = []
     for key in ("chosen", "rejected"):
         reply = record[key]
         if isinstance(reply, list):
             if len(reply) != 1:
                 raise ValueError(f"'{key}' must hold one assistant message")
-            reply = check_turns([{"role": reply[0]["role"], "content": reply[0]["content"]}], "assistant")[0]["content"]
+            reply = check_turns([turn(reply[0])], "assistant")[0]["content"]
         if not isinstance(reply, str) or not reply.strip():
             raise ValueError(f"empty '{key}' reply")
         replies.append(reply)
+    if replies[0] == replies[1]:
+        raise ValueError("the chosen and rejected replies are the same: the pair teaches nothing")
     return msgs, replies[0], replies[1]
 
 
@@ -99,14 +129,19 @@ def from_messages(msgs, fmt):
             **({"system": system[0]} if system else {})}
 
 
-def read_records(path):
+def read_records(path, replaced=None):
     """(location, record) from a JSON array file ('file[i]') or a JSONL file ('file:line'). Lines split
-    on '\n' only: U+2028 and friends are legal inside JSON strings. A UTF-8 BOM is dropped."""
+    on '\n' only: U+2028 and friends are legal inside JSON strings. A UTF-8 BOM is dropped; bytes that
+    are not UTF-8 become U+FFFD, counted per file in `replaced`."""
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace").removeprefix("\ufeff")
+            raw = f.read()
     except OSError as e:
         sys.exit(f"{path}: {e.strerror}")
+    text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if bad and replaced is not None:
+        replaced[path] += bad
     if path.endswith(".jsonl"):
         for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
@@ -114,8 +149,8 @@ def read_records(path):
         return
     try:
         records = json.loads(text)
-    except ValueError as e:
-        sys.exit(f"{path}: not valid JSON ({e})")
+    except (ValueError, RecursionError) as e:
+        sys.exit(f"{path}: not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
     if not isinstance(records, list):
         sys.exit(f"{path}: expected a JSON array of records")
     for i, r in enumerate(records):
@@ -131,7 +166,7 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     g = torch.Generator().manual_seed(cfg["seed"])
     pairs = []
     examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
-    for i, ex in enumerate(tqdm(examples, desc=f"sample {split}", unit=" prompts")):
+    for i, ex in enumerate(progress(examples, desc=f"sample {split}", unit=" prompts")):
         replies = tasks.respond(model, enc, ex["prompt"], num_samples=cfg["samples_per_prompt"],
                                 temperature=cfg["sample_temperature"], max_new_tokens=64, generator=g)
         good = [r for r in replies if tasks.check(ex["answer"], r)]
@@ -145,7 +180,7 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     return pairs
 
 
-def chat_items(cfg, enc, stats):
+def chat_items(cfg, enc, stats, replaced):
     """{'train': [...], 'val': [...]} of (location, record) from every source: records of files split at
     random by val_fraction; embedded:tasks gives task examples (sft) or on-policy pairs (dpo) from the
     tasks' own train and held-out val items."""
@@ -166,20 +201,31 @@ def chat_items(cfg, enc, stats):
             continue
         paths = sorted(glob.glob(where)) or sys.exit(f"source '{where}' matches no files")
         for path in paths:
-            for loc, rec in read_records(path):
+            for loc, rec in read_records(path, replaced):
                 out["val" if rng.random() < cfg["val_fraction"] else "train"].append((loc, rec))
     return out
 
 
-def render_sft(enc, rec, cfg):
-    """(ids, mask) of a conversation record (or a message list)."""
-    ids, mask = render_chat(enc, rec if isinstance(rec, list) else to_messages(rec))
+def render_sft(enc, rec, cfg, notes):
+    """(ids, mask) of a conversation record (or a message list). One longer than block_size is an error,
+    or with truncate=True cut to its longest prefix of whole turns that ends with an assistant turn and
+    fits (counted in notes['truncated'])."""
+    msgs = to_messages(rec)
+    ids, mask = render_chat(enc, msgs)
+    cut = len(msgs)
+    while len(ids) - 1 > cfg["block_size"] and cfg["truncate"]:
+        cut = max((i for i in range(1, cut) if msgs[i - 1]["role"] == "assistant"), default=0)
+        if not cut:
+            break
+        ids, mask = render_chat(enc, msgs[:cut])
     if len(ids) - 1 > cfg["block_size"]:
-        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1")
+        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1"
+                         + ("" if cfg["truncate"] else " (truncate=True keeps the turns that fit)"))
+    notes["truncated"] += cut < len(msgs)
     return ids, mask
 
 
-def render_pair(enc, rec, cfg):
+def render_pair(enc, rec, cfg, notes=None):
     """(prompt ids ending in the generation prompt, chosen ids, rejected ids); replies end in <|im_end|>."""
     msgs, chosen, rejected = rec if isinstance(rec, tuple) else to_pair(rec)
     prompt, _ = render_chat(enc, msgs, generation_prompt=True)
@@ -196,8 +242,9 @@ def render_all(items, render, cfg, skipped):
     for loc, rec in items:
         try:
             out.append(render(json.loads(rec) if isinstance(rec, str) else rec))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            reason = (f"missing field {e}" if isinstance(e, KeyError) else
+                      "JSON nested too deeply" if isinstance(e, RecursionError) else str(e))
             if cfg["on_error"] != "skip":
                 sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such records)")
             skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
@@ -216,12 +263,18 @@ def load_policy(path):
 def tokenizer_of(path):
     """The inline tokenizer spec of a prepared dataset (its meta.json) or of a checkpoint."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
-        with open(os.path.join(path, "meta.json")) as f:
-            return inline_spec(json.load(f)["tokenizer"], path)
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                return inline_spec(json.load(f)["tokenizer"], path)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            sys.exit(f"tokenizer_from: '{path}/meta.json' holds no usable tokenizer ({type(e).__name__}: {e})")
     ckpt = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if os.path.isfile(ckpt):
         import torch
-        return torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
+        try:
+            return torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
+        except Exception as e:  # noqa: BLE001 - not a checkpoint, truncated, or without a tokenizer
+            sys.exit(f"tokenizer_from: '{ckpt}' is not a checkpoint with a tokenizer ({type(e).__name__}: {e})")
     sys.exit(f"tokenizer_from='{path}' is neither a prepared dataset nor a checkpoint")
 
 
@@ -259,10 +312,12 @@ def prepare_chat(cfg, tmp_dir):
         check_uint16(enc)
     except ValueError as e:
         sys.exit(f"the tokenizer of '{where}' {e}")
-    stats, skipped = Counter(), Counter()
-    items = chat_items(cfg, enc, stats)
+    stats, skipped, notes, replaced = Counter(), Counter(), Counter(), Counter()
+    items = chat_items(cfg, enc, stats, replaced)
+    for path, n in replaced.items():
+        print(f"warning: {path}: {n} bytes that are not UTF-8 became U+FFFD", file=sys.stderr)
     render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
-    records = {split: render_all(items[split], lambda rec: render(enc, rec, cfg), cfg, skipped)
+    records = {split: render_all(items[split], lambda rec: render(enc, rec, cfg, notes), cfg, skipped)
                for split in ("train", "val")}
     if not records["train"] or not records["val"]:
         sys.exit(f"no {'train' if not records['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
@@ -273,20 +328,32 @@ def prepare_chat(cfg, tmp_dir):
     meta = {"kind": cfg["kind"], "vocab_size": enc.n_vocab, "tokenizer": spec,
             "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
             **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
-            "skipped": dict(skipped), **({"sampling": dict(stats)} if stats else {}), "config": cfg}
+            "skipped": dict(skipped), "truncated": notes["truncated"], "replaced_bytes": dict(replaced),
+            **({"sampling": dict(stats)} if stats else {}), "config": cfg}
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return (", ".join(f"{s} {c}" for s, c in counts.items()) + (f"; sampling {dict(stats)}" if stats else "")
-            + (f"; skipped {dict(skipped)}" if skipped else ""))
+            + (f"; skipped {dict(skipped)}" if skipped else "") + (f"; truncated {notes['truncated']}"
+                                                                   if notes["truncated"] else ""))
 
 
 def convert_file(cfg):
     """--convert=IN --convert_out=OUT: Alpaca/ShareGPT/messages records of IN as messages JSONL."""
-    with open(cfg["convert_out"], "w") as out:
-        for loc, rec in read_records(cfg["convert"]):
-            try:
-                msgs = to_messages(json.loads(rec) if isinstance(rec, str) else rec)
-            except (ValueError, KeyError, TypeError) as e:
-                sys.exit(f"{loc}: {e}")
-            out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    if not cfg["convert_out"].strip():
+        sys.exit("convert_out: name the JSONL file to write")
+    tmp = cfg["convert_out"] + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for loc, rec in read_records(cfg["convert"]):
+                try:
+                    msgs = to_messages(json.loads(rec) if isinstance(rec, str) else rec)
+                except (ValueError, KeyError, TypeError, RecursionError) as e:
+                    sys.exit(f"{loc}: {e}")
+                out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    except OSError as e:
+        sys.exit(f"convert_out '{cfg['convert_out']}': {e.strerror}")
+    finally:
+        if sys.exc_info()[0] is not None and os.path.exists(tmp):
+            os.remove(tmp)  # a failed conversion leaves no partial file
+    os.replace(tmp, cfg["convert_out"])
     print(f"wrote {cfg['convert_out']}")

@@ -24,16 +24,18 @@ fi
 step "1/7 prepare: clean, filter, deduplicate, mix, train the tokenizer, tokenize"
 "$py" "$root/prepare.py" --overwrite=True "${prep[@]}"
 step "2/7 pretrain"
-"$py" "$root/train.py" "$root/config/pretrain_tiny.py" "${pre[@]}"
+"$py" "$root/train.py" "$root/config/pretrain_tiny.py" --overwrite=True "${pre[@]}"
 step "3/7 instruction data: the verifiable tasks in the chat template"
 "$py" "$root/prepare.py" "$root/config/data/sft_demo.py" --overwrite=True "${sftdata[@]}"
 step "4/7 SFT"
-"$py" "$root/train.py" "$root/config/sft_tiny.py" "${sft[@]}"
+"$py" "$root/train.py" "$root/config/sft_tiny.py" --overwrite=True "${sft[@]}"
 step "5/7 on-policy preference pairs: the SFT model's answers, judged by the tasks' checkers"
 "$py" "$root/prepare.py" "$root/config/data/dpo_demo.py" --overwrite=True "${dpodata[@]}"
 step "6/7 DPO"
-"$py" "$root/train.py" "$root/config/dpo_tiny.py" "${dpo[@]}"
+"$py" "$root/train.py" "$root/config/dpo_tiny.py" --overwrite=True "${dpo[@]}"
 step "7/7 evaluate every stage"
 "$py" "$root/evaluate.py" "--compare=['out/tiny', 'out/sft_tiny', 'out/dpo_tiny']" "${eval[@]}"
-"$py" "$root/sample.py" --out_dir=out/dpo_tiny --prompt="How many words are in this line?
-To be, or not to be, that is the question:" --temperature=0 --max_new_tokens=16
+question="How many words are in this line?
+To be, or not to be, that is the question:"
+printf '\n=== the final model, asked:\n%s\n=== answers:\n' "$question"
+"$py" "$root/sample.py" --out_dir=out/dpo_tiny --prompt="$question" --temperature=0 --max_new_tokens=16

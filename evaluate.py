@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from configurator import configure
-from model import autocast_context, load_checkpoint
+from configurator import NON_NEGATIVE, configure, one_of, require
+from model import DTYPES, autocast_context, load_checkpoint
 from tokenizer import render_chat
 
 defaults = dict(
@@ -33,7 +33,7 @@ defaults = dict(
     tasks=[],                   # task names for exact match ([] = all of tasks.TASKS)
     samples_n=16,               # sampled replies for the diversity figures
     compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
-    plot=[],                    # run dirs: draw each metrics.jsonl to RUN/curves.png (needs matplotlib)
+    plot=[],                    # run dirs (or one): draw each metrics.jsonl to RUN/curves.png
     temperature=1.0,            # for the sampled accuracy and the diversity figures
     seed=1337,
     device="cuda" if torch.cuda.is_available() else "cpu",
@@ -98,14 +98,16 @@ def multiple_choice(model, enc, items, device):
 
 def read_choices(path):
     items = []
-    with open(path, encoding="utf-8") as f:
+    if not os.path.isfile(path):
+        sys.exit(f"mc_file '{path}' not found")
+    with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
                     it = json.loads(line)
                     if not 0 <= it["label"] < len(it["choices"]) or not isinstance(it["context"], str):
                         raise ValueError("label out of range")
-                except (ValueError, KeyError, TypeError) as e:
+                except (ValueError, KeyError, TypeError, RecursionError) as e:
                     sys.exit(f"{path}:{lineno}: not a {{context, choices, label}} record ({e})")
                 items.append(it)
     return items
@@ -133,32 +135,50 @@ def diversity(model, enc, prompts, temperature, generator):
     return out
 
 
+class Progress:
+    """A line on stderr as each measurement of a checkpoint starts and ends: scoring takes minutes."""
+
+    def __init__(self, name):
+        self.name, self.t0 = name, time.time()
+
+    def __call__(self, what):
+        print(f"[{self.name}] {what} ({time.time() - self.t0:.0f} s)", file=sys.stderr, flush=True)
+
+
 def evaluate(cfg):
     device = cfg["device"]
+    say = Progress(cfg["out_dir"])
     model, enc, ckpt = load_checkpoint(cfg["out_dir"], device)
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     results, t0 = {"checkpoint": cfg["out_dir"], "mode": ckpt.get("config", {}).get("mode")}, time.time()
     with ctx:
         if cfg["data"]:
+            say("bits per byte on held-out text")
             val = os.path.join(cfg["data"], "val.bin")
             if not os.path.isfile(val):
                 sys.exit(f"'{val}' not found: --data names a prepared pretraining dataset ('' to skip)")
+            if os.path.getsize(val) % 2 or os.path.getsize(val) < 4:
+                sys.exit(f"'{val}' is not a uint16 token file of at least two tokens")
             ids = np.memmap(val, dtype=np.uint16, mode="r")
             results.update(bits_per_byte(model, enc, ids[:cfg["max_tokens"] or len(ids)], device))
         if cfg["mc_n"] or cfg["mc_file"]:
+            say("multiple choice")
             items = read_choices(cfg["mc_file"]) if cfg["mc_file"] else tasks.choice_examples(cfg["mc_n"], "val", cfg["seed"])
             results.update(multiple_choice(model, enc, items, device))
         if cfg["tasks_n"]:
+            say(f"exact match on {cfg['tasks_n']} held-out task prompts, greedy and sampled")
             held_out = tasks.make_examples(cfg["tasks_n"], "val", cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
             greedy = tasks.accuracy(model, enc, held_out)
             sampled = tasks.accuracy(model, enc, held_out, temperature=cfg["temperature"], generator=g)
             results.update({f"exact_{k}": v for k, v in greedy.items()})
             results["exact_all_sampled"] = sampled["all"]
         if cfg["samples_n"]:
+            say(f"diversity of {cfg['samples_n']} samples")
             prompts = [ex["prompt"] for ex in tasks.make_examples(cfg["samples_n"], "val", cfg["seed"] + 1)]
             results.update(diversity(model, enc, prompts, cfg["temperature"], g))
     results["seconds"] = round(time.time() - t0, 1)
+    say("done")
     with open(os.path.join(os.path.dirname(cfg["out_dir"]) if cfg["out_dir"].endswith(".pt") else cfg["out_dir"],
                            "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -187,8 +207,11 @@ def plot_run(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         sys.exit(f"'{path}' not found: --plot takes run directories that train.py wrote")
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except ValueError as e:
+        sys.exit(f"'{path}' is not JSON lines ({e})")
     steps = [r for r in records if "loss" in r and "skipped" not in r]
     evals = [r for r in records if "val_loss" in r]
     dpo = any("rewards/margins" in r for r in evals)
@@ -220,6 +243,9 @@ ROWS = [("val bits/byte (pretraining text)", "val_bpb"), ("multiple choice acc (
 
 def main():
     cfg = configure(defaults)
+    require(cfg, {"max_tokens": NON_NEGATIVE, "mc_n": NON_NEGATIVE, "tasks_n": NON_NEGATIVE,
+                  "samples_n": NON_NEGATIVE, "temperature": NON_NEGATIVE, "tasks": tasks.NAMES_RULE,
+                  "dtype": one_of(*DTYPES)})
     if cfg["plot"]:
         for run in cfg["plot"]:
             print(f"wrote {plot_run(run)}")

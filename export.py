@@ -96,6 +96,10 @@ def read_hf_weights(hf_dir):
     if os.path.isfile(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
+        base = os.path.realpath(hf_dir)
+        for name in files:  # an index names shards beside it; a name reaching elsewhere is refused
+            if not isinstance(name, str) or os.path.dirname(os.path.realpath(os.path.join(base, name))) != base:
+                raise ValueError(f"the index names a shard outside '{hf_dir}': {name!r}")
     elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -167,10 +171,17 @@ def from_hf_weights(tensors, c):
     return sd
 
 
+def special_ids(enc, vocab_size):
+    """The tokenizer's special tokens that the model has rows for. A model trained on data whose
+    meta.json counted only the 256 bytes has no rows for the tokenizer's specials: they are left out of
+    the export rather than named as ids the embedding lacks."""
+    return {s: i for s, i in enc._special_tokens.items() if i < vocab_size}
+
+
 def hf_config(c, enc):
     """config.json for LlamaForCausalLM. rope_theta is written both the Transformers 5 way
     (rope_parameters) and the older way, which other readers (vLLM, llama.cpp) look for."""
-    special = enc._special_tokens
+    special = special_ids(enc, c.vocab_size)
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.hidden_dim,
@@ -225,7 +236,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "{{ '<|im_start|>assistant\n' }}{% endif %}")  # tokenizer.render_chat's ChatML
 
 
-def hf_tokenizer(enc):
+def hf_tokenizer(enc, vocab_size):
     """tokenizer.json (the `tokenizers` library's format) for a tiktoken Encoding: the same split
     regex, then byte-level BPE. tiktoken merges whichever adjacent pair forms the lowest-ranked token;
     BPE merges pairs from a list in order, so each token gets one merge per way of splitting it into two
@@ -238,7 +249,7 @@ def hf_tokenizer(enc):
         splits = [(token[:i], token[i:]) for i in range(1, len(token))]
         merges += sorted((ranks[a], ranks[b], text[a], text[b]) for a, b in splits if a in ranks and b in ranks)
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for s, i in sorted(enc._special_tokens.items(), key=lambda kv: kv[1])]
+              "special": True} for s, i in sorted(special_ids(enc, vocab_size).items(), key=lambda kv: kv[1])]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -341,6 +352,7 @@ def add_chat_tokens(spec, sd, c):
 # ----------------------------------------------------------------------------- the two directions
 
 def export(cfg):
+    check_target(cfg["out"], cfg["overwrite"])  # before the work, not after it
     try:
         model, ckpt = GPT.load(cfg["ckpt"])
     except (FileNotFoundError, ValueError) as e:
@@ -349,13 +361,13 @@ def export(cfg):
         sys.exit(f"dtype '{cfg['dtype']}' is not one of float32, bfloat16, float16")
     dtype = getattr(torch, cfg["dtype"])
     enc = load_tokenizer(ckpt["tokenizer"])
-    special = enc._special_tokens
+    special = special_ids(enc, model.config.vocab_size)
     stops = [special[s] for s in ("<|endoftext|>", "<|im_end|>") if s in special]
     files = {
         "config.json": {**hf_config(model.config, enc), "dtype": cfg["dtype"], "torch_dtype": cfg["dtype"]},
         "generation_config.json": {"bos_token_id": None, "eos_token_id": stops,
                                    "pad_token_id": special.get("<|pad|>")},
-        "tokenizer.json": hf_tokenizer(enc),
+        "tokenizer.json": hf_tokenizer(enc, model.config.vocab_size),
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
                                   "eos_token": "<|endoftext|>" if "<|endoftext|>" in special else None,
                                   "pad_token": "<|pad|>" if "<|pad|>" in special else None,
@@ -373,21 +385,58 @@ def export(cfg):
     print(f"exported {cfg['ckpt']} ({model.num_params() / 1e6:.2f}M parameters, {cfg['dtype']}) to {cfg['out']}")
 
 
-@contextmanager
-def staged_dir(path, overwrite):
-    """Write a directory under a temporary name and move it into place only when complete."""
+def is_export(path):
+    """Whether path is a directory this script wrote: a config.json naming LlamaForCausalLM."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("architectures") == ["LlamaForCausalLM"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_target(path, overwrite):
+    """Refuse an out that exists, unless overwrite and it is an export (or an empty directory); finish
+    a replacement that a killed run left half done (see staged_dir)."""
+    path = path.rstrip("/")
+    if not path:
+        sys.exit("out is empty: name the directory to write")
+    old = path + ".old"
+    if os.path.exists(old) and is_export(old):
+        if os.path.exists(path):
+            shutil.rmtree(old)  # the new one was in place: the old one's deletion was cut off
+        else:
+            os.rename(old, path)  # cut off between the two renames: put the old one back
     if os.path.exists(path) and not overwrite:
         sys.exit(f"'{path}' exists: pass --overwrite=True to replace it")
-    tmp = path.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(path) and not (is_export(path) or os.path.isdir(path) and not os.listdir(path)):
+        sys.exit(f"'{path}' holds no config.json of a Llama export, so export.py did not write it: not replacing it")
+
+
+@contextmanager
+def staged_dir(path, overwrite):
+    """Write a directory under a temporary name (path.partial, marked as ours) and move it into place
+    only when complete. An existing path (see check_target) is set aside as path.old, the new one
+    renamed into place, then the old one deleted, so a complete export stands at path or path.old at
+    every instant."""
+    check_target(path, overwrite)
+    path = path.rstrip("/")
+    old, tmp = path + ".old", path + ".partial"
+    if os.path.exists(tmp):
+        if not os.path.isfile(os.path.join(tmp, ".export-partial")):
+            sys.exit(f"'{tmp}' exists and was not made by export.py: move it away")
+        shutil.rmtree(tmp)  # left by a run that died
     os.makedirs(tmp)
+    open(os.path.join(tmp, ".export-partial"), "w").close()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    os.remove(os.path.join(tmp, ".export-partial"))
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def import_hf(cfg):

@@ -31,6 +31,16 @@ class GPTConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if not getattr(self, key) >= 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        for key in ("rope_theta", "norm_eps"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                raise ValueError(f"{key}={getattr(self, key)} must be a finite number > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.hidden_dim < 0:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be >= 0 (0: about 8/3 * n_embd)")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.n_embd % self.n_head:
@@ -297,9 +307,11 @@ def load_checkpoint(path, device="cpu"):
     from tokenizer import load_tokenizer
     try:
         model, ckpt = GPT.load(path, device)
+        return model, load_tokenizer(ckpt["tokenizer"]), ckpt
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
-    return model, load_tokenizer(ckpt["tokenizer"]), ckpt
+    except KeyError:
+        sys.exit(f"checkpoint '{path}' holds no tokenizer: it was not written by train.py or export.py")
 
 
 def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperature=0.0, top_k=None,
@@ -317,6 +329,9 @@ def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperat
         row = row[:row.index(end)] if end in row else row
         replies.append(enc.decode([t for t in row if t < enc.n_vocab]))  # not the vocabulary's padding
     return replies
+
+
+DTYPES = ("auto", "bfloat16", "float32")  # the values of the scripts' dtype key
 
 
 def autocast_context(dtype, device_type):

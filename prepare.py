@@ -24,6 +24,7 @@ import hashlib
 import html
 import http.client
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -38,12 +39,12 @@ import zlib
 from collections import Counter, defaultdict
 
 import numpy as np
-from tqdm import tqdm
 
-from configurator import configure
-from tasks import package_dir
-from tokenizer import (MAX_VOCAB, bpe_spec, check_uint16, count_chunks, eot_token, inline_spec, load_tokenizer,
-                       save_bpe, train_bpe)
+from configurator import (AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, progress,
+                          require)
+from tasks import NAMES_RULE, package_dir
+from tokenizer import (MAX_VOCAB, SPECIAL_TOKENS, bpe_spec, check_uint16, count_chunks, eot_token, inline_spec,
+                       load_tokenizer, save_bpe, train_bpe)
 
 defaults = dict(
     out_dir="data/demo",
@@ -86,6 +87,8 @@ defaults = dict(
     kind="pretrain",            # 'pretrain' | 'sft' | 'dpo'
     tokenizer_from="data/demo",  # sft, dpo: the prepared dataset or checkpoint whose tokenizer to use
     block_size=512,             # sft, dpo: longest example, in tokens (training positions)
+    truncate=False,             # sft: cut a conversation longer than block_size to its longest prefix of
+                                # whole turns that ends with an assistant turn and fits (counted)
     task_examples=4000,         # sft from embedded:tasks: train examples; val gets a tenth, held out
     tasks=[],                   # sft from embedded:tasks: task names (see tasks.TASKS); [] = all
     # kind='dpo': {prompt, chosen, rejected} records (plain strings, or TRL's conversational form), or
@@ -232,9 +235,14 @@ def unit_markup(unit, cfg):
     return None  # by each file's extension
 
 
-def read_unit(unit, cfg, stats):
+def read_unit(unit, cfg, stats, problems=None):
     """Yield (position in the unit, text, file extension) of each document; counts decode errors, empty
-    and binary files, and skipped lines or files (on_error='skip')."""
+    and binary files, and skipped lines or files (on_error='skip'), and names such files in `problems`
+    (a list, kept short)."""
+    def note(path, what):
+        if problems is not None and len(problems) < 20:
+            problems.append(f"{path}: {what}")
+
     kind, skip = unit["kind"], cfg["on_error"] == "skip"
     if kind == "embedded":
         try:
@@ -250,11 +258,15 @@ def read_unit(unit, cfg, stats):
                     data = f.read()
                 if b"\0" in data[:8192]:
                     stats["binary_files"] += 1
+                    note(path, "binary (a NUL byte near the start): skipped")
                     continue
                 text, bad = decode(data)
                 stats["decode_errors"] += bad
+                if bad:
+                    note(path, f"{bad} bytes that are not UTF-8 became U+FFFD")
                 if not text.strip():
                     stats["empty_files"] += 1
+                    note(path, "empty: skipped")
                     continue
                 yield i, text, os.path.splitext(path)[1].lower()
             elif kind == "parquet":
@@ -265,6 +277,7 @@ def read_unit(unit, cfg, stats):
             if not skip:
                 raise DataError(f"{path}: cannot be read ({e}); on_error='skip' counts and skips such files") from e
             stats["skipped_files"] += 1  # the documents before the damage stay
+            note(path, f"cannot be read ({e}): skipped")
 
 
 def read_jsonl(path, byte_range, cfg, stats):
@@ -663,14 +676,14 @@ def document_stage(task):
     and last the unit's report (docs-N.json), which marks it finished. Returns the report."""
     index, unit, cfg, work = task
     name = os.path.join(work, f"docs-{index:05d}")
-    stats, removed, seconds = Counter(), defaultdict(list), Counter()
+    stats, removed, seconds, problems = Counter(), defaultdict(list), Counter(), []
     markup, k = unit_markup(unit, cfg), cfg["shingle_size"]
     params = minhash_params(cfg["num_perm"], cfg["seed"])
     offsets, pos, chars, keys, shingles, sigs = [0], [], [], [], [], [np.zeros((0, cfg["num_perm"]), np.uint32)]
     n_read = bytes_read = pending = 0
     with open(name + ".txt.partial", "wb") as out:
         t = time.perf_counter()
-        for p, text, ext in read_unit(unit, cfg, stats):
+        for p, text, ext in read_unit(unit, cfg, stats, problems):
             t1 = time.perf_counter()
             data = text.encode("utf-8", "replace")  # a lone surrogate (legal in JSON strings) becomes '?'
             n_read, bytes_read = n_read + 1, bytes_read + len(data)
@@ -712,7 +725,7 @@ def document_stage(task):
     seconds["signature"] += time.perf_counter() - t
     filters = {r: {"removed": stats.pop(f"removed:{r}"), "examples": ex} for r, ex in removed.items()}
     report = {"stamp": unit_stamp(unit, cfg), "documents": n_read, "kept": len(keys), "bytes": bytes_read,
-              "read": dict(stats), "filters": filters, "seconds": dict(seconds)}
+              "read": dict(stats), "problems": problems, "filters": filters, "seconds": dict(seconds)}
     for ext in ("txt", "npz", "sig"):
         os.replace(f"{name}.{ext}.partial", f"{name}.{ext}")
     write_json(name + ".json", report)
@@ -743,13 +756,13 @@ def in_workers(fn, tasks, workers, desc):
     a result can deadlock it, so the error path never does.)"""
     bar = dict(total=len(tasks), desc=desc, unit=" units", disable=not tasks)
     if workers == 1 or len(tasks) <= 1:
-        yield from tqdm(map(fn, tasks), **bar)
+        yield from progress(map(fn, tasks), **bar)
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     stop, error = ctx.Event(), None
     pool = ctx.Pool(min(workers, len(tasks)), initializer=_set_stop, initargs=(stop,))
     try:
-        for outcome, value in tqdm(pool.imap_unordered(_guarded, [(fn, t) for t in tasks]), **bar):
+        for outcome, value in progress(pool.imap_unordered(_guarded, [(fn, t) for t in tasks]), **bar):
             if outcome == "error" and error is None:
                 error = value
             elif outcome == "done":
@@ -901,7 +914,7 @@ def write_split(path, order, units, alive, work):
         start[kept], end[kept] = idx[:-1], idx[1:]
     n = 0
     with open(path, "wb") as f:
-        for c in tqdm(range(0, len(order), 4096), desc=f"write {os.path.basename(path)}", unit=" x4096 docs"):
+        for c in progress(range(0, len(order), 4096), desc=f"write {os.path.basename(path)}", unit=" x4096 docs"):
             # memmaps for this chunk only: mapped pages count in the process's memory until unmapped,
             # and a run over every token file would otherwise keep all of them mapped
             maps, pieces = {}, []
@@ -953,7 +966,9 @@ def prepare_pretrain(cfg, tmp_dir):
     lap("dedup")
     print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {alive.sum():,} left")
     if not alive.any():
-        raise DataError("no documents left after filtering and deduplication")
+        problems = [p for r in reports for p in r.get("problems", [])]
+        raise DataError("no documents left after filtering and deduplication"
+                        + (f" ({'; '.join(problems[:5])})" if problems else ""))
     mix = split_and_mix(units, unit_list, alive, cfg)
     lap("split_and_mix")
     spec = tokenizer_for(cfg, units, mix, tmp_dir)
@@ -1005,6 +1020,11 @@ def document_stage_all(unit_list, cfg, work, workers):
     reports = [reports[i] for i in range(len(unit_list))]
     print(f"read {sum(r['documents'] for r in reports):,} documents, {sum(r['bytes'] for r in reports) / 1e6:.1f} MB, "
           f"from {len(unit_list)} units")
+    problems = [p for r in reports for p in r.get("problems", [])]
+    for p in problems[:10]:
+        print(f"warning: {p}", file=sys.stderr)
+    if len(problems) > 10:
+        print("warning: ... and more such files (meta.json's 'read' counts them all)", file=sys.stderr)
     return reports
 
 
@@ -1133,7 +1153,7 @@ def fetch(url, path, retries, wait):
                     have = 0
                 length = r.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with open(part, "ab" if have else "wb") as f, tqdm(
+                with open(part, "ab" if have else "wb") as f, progress(
                         total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                     while chunk := r.read(1 << 20):
                         f.write(chunk)
@@ -1211,26 +1231,28 @@ def claim(tmp_dir, fresh):
 
 
 def check_config(cfg):
-    if not cfg["out_dir"].strip("/"):
-        sys.exit("out_dir is empty")
-    if cfg["vocab_size"] > MAX_VOCAB:
-        sys.exit(f"vocab_size={cfg['vocab_size']} does not fit uint16 token files (at most {MAX_VOCAB})")
-    if cfg["language"] not in STOPWORDS:
-        sys.exit(f"language '{cfg['language']}' has no stop-word list: one of {sorted(STOPWORDS)}")
-    if cfg["bands"] < 1 or cfg["num_perm"] % cfg["bands"]:
-        sys.exit(f"num_perm={cfg['num_perm']} must be a positive multiple of bands={cfg['bands']}")
-    if cfg["on_error"] not in ("raise", "skip"):
-        sys.exit(f"on_error must be 'raise' or 'skip', not '{cfg['on_error']}'")
-    if cfg["kind"] not in ("pretrain", "sft", "dpo"):
-        sys.exit(f"kind '{cfg['kind']}' is not one of 'pretrain', 'sft', 'dpo'")
-    if cfg["tokenizer"] not in ("bpe", "gpt2", "bytes"):
-        sys.exit(f"tokenizer '{cfg['tokenizer']}' is not one of 'bpe', 'gpt2', 'bytes'")
-    for key in ("num_workers", "chunk_mb", "shingle_size", "tokenizer_train_chars"):
-        if cfg[key] < 0 or (key != "num_workers" and cfg[key] <= 0):
-            sys.exit(f"{key}={cfg[key]} must be {'>= 0' if key == 'num_workers' else 'positive'}")
-    bad = [m for m in cfg["markup"].values() if m not in STRIP]
-    if bad:
-        sys.exit(f"markup '{bad[0]}' is not one of {sorted(STRIP)}")
+    """Refuse, naming the key, a value the run cannot use: before anything is read or written."""
+    fraction = (lambda v: 0 <= v <= 1, "in [0, 1]")
+    require(cfg, {
+        "out_dir": NOT_EMPTY, "kind": one_of("pretrain", "sft", "dpo"), "on_error": one_of("raise", "skip"),
+        "tokenizer": one_of("bpe", "gpt2", "bytes"), "text_field": NOT_EMPTY,
+        "language": (lambda v: v in STOPWORDS, f"a language with a stop-word list: one of {sorted(STOPWORDS)}"),
+        "markup": (lambda v: set(v.values()) <= set(STRIP), f"a map of source names to one of {sorted(STRIP)}"),
+        "vocab_size": (lambda v: cfg["tokenizer"] != "bpe" or 256 + len(SPECIAL_TOKENS) < v <= MAX_VOCAB,
+                       f"above the 256 bytes and {len(SPECIAL_TOKENS)} special tokens, and fit uint16 token "
+                       f"files (at most {MAX_VOCAB})"),
+        "min_chars": NON_NEGATIVE, "min_stopwords": NON_NEGATIVE, "min_unique_word_ratio": fraction,
+        "min_alpha_ratio": fraction, "max_dup_line_frac": fraction, "max_dup_ngram_frac": fraction,
+        "shingle_size": AT_LEAST_1, "num_perm": AT_LEAST_1,
+        "bands": (lambda v: v >= 1 and cfg["num_perm"] % v == 0, f"a divisor of num_perm={cfg['num_perm']}"),
+        "jaccard_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "mix_weights": (lambda v: all(w >= 0 and math.isfinite(w) for w in v.values()), "weights >= 0"),
+        "mix_temperature": POSITIVE, "tokenizer_train_chars": AT_LEAST_1,
+        "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "num_workers": NON_NEGATIVE, "chunk_mb": POSITIVE,
+        "block_size": AT_LEAST_1, "task_examples": AT_LEAST_1, "tasks": NAMES_RULE, "pair_prompts": AT_LEAST_1,
+        "samples_per_prompt": AT_LEAST_1, "sample_temperature": NON_NEGATIVE,
+        "shards": AT_LEAST_1, "first_shard": NON_NEGATIVE, "retries": NON_NEGATIVE, "retry_wait": NON_NEGATIVE,
+    })
 
 
 def main():
@@ -1245,7 +1267,8 @@ def main():
     recover(out_dir)
     if os.path.exists(out_dir) and not cfg["overwrite"]:
         sys.exit(f"'{out_dir}' exists: pass --overwrite=True to replace it")
-    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
+    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")) and \
+            not (os.path.isdir(out_dir) and not os.listdir(out_dir)):  # an empty directory holds nothing to lose
         sys.exit(f"'{out_dir}' holds no meta.json, so prepare.py did not write it: not replacing it")
     tmp_dir = out_dir + ".tmp"
     lock = claim(tmp_dir, fresh=cfg["kind"] != "pretrain")  # pretraining work resumes; chat data is quick

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from configurator import configure
-from model import autocast_context, chat_reply, load_checkpoint
+from configurator import AT_LEAST_1, NON_NEGATIVE, configure, one_of, require
+from model import DTYPES, autocast_context, chat_reply, load_checkpoint
 from tokenizer import eot_token
 
 defaults = dict(
@@ -41,7 +41,8 @@ def chat(model, enc, cfg, ctx):
         else:
             try:
                 user = input("you> ")
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C ends the conversation
+                print()
                 break
             if not user.strip():
                 continue
@@ -60,16 +61,22 @@ def chat(model, enc, cfg, ctx):
 
 def main():
     cfg = configure(defaults)
+    require(cfg, {"num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE,
+                  "top_k": NON_NEGATIVE, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                  "dtype": one_of(*DTYPES)})
+    start = cfg["start"]
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8", errors="replace") as f:
+                start = f.read()
+        except OSError as e:
+            sys.exit(f"start='{cfg['start']}': {e.strerror}")
     torch.manual_seed(cfg["seed"])
     device = cfg["device"]
     model, enc, _ = load_checkpoint(cfg["out_dir"], device)
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     if cfg["chat"] or cfg["prompt"]:
         return chat(model, enc, cfg, ctx)
-    start = cfg["start"]
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
     ids = enc.encode(start, allowed_special="all")
     if len(ids) > model.config.block_size:
         print(f"(prompt of {len(ids)} tokens cropped to its last {model.config.block_size})", file=sys.stderr)
@@ -87,4 +94,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -97,6 +97,7 @@ def finish_verse(rng, split):
 
 
 TASKS = {f.__name__: f for f in (add, first_word, last_word, count_words, bible_book, play_title, finish_verse)}
+NAMES_RULE = (lambda names: set(names) <= set(TASKS), f"a list of task names from {', '.join(TASKS)}")  # for require
 
 
 def normalize(text):

@@ -120,7 +120,10 @@ def inline_spec(spec, base_dir="."):
         spec = {"kind": spec}
     if spec.get("kind") != "bpe" or "ranks" in spec:
         return spec
-    path = os.path.join(base_dir, spec["path"])
+    base = os.path.realpath(base_dir)
+    path = os.path.realpath(os.path.join(base, str(spec.get("path"))))
+    if os.path.dirname(path) != base:  # a dataset's tokenizer file sits beside its meta.json, nowhere else
+        raise ValueError(f"tokenizer path '{spec.get('path')}' must name a file inside '{base_dir}'")
     try:
         with open(path) as f:
             data = json.load(f)

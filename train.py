@@ -6,6 +6,7 @@ DPO modes plug into the same loop as a batch source and a loss.
     torchrun --nproc_per_node=8 train.py config/pretrain.py        # DDP on one node
     python train.py config/pretrain_tiny.py --init_from=resume     # continue exactly where it stopped
 """
+import datetime
 import json
 import math
 import os
@@ -19,14 +20,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
-from model import GPT, GPTConfig, autocast_context, config_from_checkpoint, doc_ids_from_eot
+from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, require
+from model import DTYPES, GPT, GPTConfig, autocast_context, config_from_checkpoint, doc_ids_from_eot
 from tokenizer import inline_spec
 
 defaults = dict(
     # I/O
     out_dir="out",
     init_from="scratch",        # 'scratch' | 'resume' (out_dir/ckpt.pt) | path of a checkpoint to start from
+    overwrite=False,            # True: a new run may replace the checkpoint already in out_dir
     eval_interval=250,
     eval_iters=20,
     log_interval=10,
@@ -76,6 +78,7 @@ defaults = dict(
     dtype="auto",               # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
     compile=False,
     seed=1337,
+    dist_timeout=600.0,         # seconds a process waits for the others (torchrun) before it fails
     peak_flops=0.0,             # device peak FLOP/s for MFU; 0 = known GPUs' bf16 dense peak, else no MFU
 )
 
@@ -89,6 +92,13 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
+    if dist.is_initialized():
+        # under torchrun, leave at once: tearing down the process group and DDP's reducer while
+        # Python shuts down can abort in gloo's threads ("terminate called without an active
+        # exception", 1 in 10 runs). Everything this script writes is flushed or atomic already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     sys.exit(1)
 
 
@@ -101,34 +111,95 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
 
 
 def read_meta(data_dir, kind):
+    """meta.json of a dataset, its types checked: kind, a positive int vocab_size within uint16 token
+    files, optional special_tokens {name: id}, optional tokenizer (a kind name or a spec)."""
     if not os.path.isdir(data_dir):
         fail(f"data directory '{data_dir}' not found (build it with prepare.py)")
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         fail(f"'{path}' not found: '{data_dir}' is not a prepared dataset")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, RecursionError) as e:
+        fail(f"'{path}' is not valid JSON ({e}): rebuild it with prepare.py")
+    if not isinstance(meta, dict):
+        fail(f"'{path}' must hold a JSON object")
     for key in ("kind", "vocab_size"):
         if key not in meta:
             fail(f"'{path}' has no '{key}'")
     if meta["kind"] != kind:
         fail(f"'{path}' holds kind '{meta['kind']}' data, but mode '{kind}' needs kind '{kind}'")
+    v = meta["vocab_size"]
+    if type(v) is not int or not 1 <= v <= 65536:
+        fail(f"'{path}': vocab_size must be an integer from 1 to 65536 (uint16 tokens), not {v!r}")
+    specials = meta.get("special_tokens", {})
+    if not isinstance(specials, dict) or any(type(i) is not int or not 0 <= i < v for i in specials.values()):
+        fail(f"'{path}': special_tokens must map names to ids below vocab_size {v}")
+    if not isinstance(meta.get("tokenizer", "bytes"), (str, dict)):
+        fail(f"'{path}': tokenizer must be a kind name or a spec object")
     return meta
 
 
-def open_tokens(path, vocab_size, min_len, dtype=np.uint16):
-    """Memmap of a token file, after cheap checks: its length, and ids < vocab_size at both ends."""
+def open_tokens(path, min_len, dtype=np.uint16, what="tokens"):
+    """Memmap of a token file, after checks of its size: whole items, at least min_len of them."""
     if not os.path.isfile(path):
         fail(f"'{path}' not found")
-    data = np.memmap(path, dtype=dtype, mode="r")
-    if len(data) < min_len:
-        fail(f"'{path}' holds {len(data)} tokens, fewer than the {min_len} one batch window needs")
-    for start in (0, max(0, len(data) - (1 << 20))):
-        chunk = data[start:start + (1 << 20)]
-        if chunk.max() >= vocab_size:
-            bad = start + int(np.argmax(chunk >= vocab_size))
-            fail(f"'{path}' token {bad} has id {int(data[bad])} >= vocab_size {vocab_size} from meta.json")
-    return data
+    size, item = os.path.getsize(path), np.dtype(dtype).itemsize
+    if size % item:
+        fail(f"'{path}' is {size} bytes, not a whole number of {dtype.__name__} items: it is truncated or "
+             f"not a token file")
+    n = size // item
+    if n < min_len:
+        fail(f"'{path}' holds {n} {what}, fewer than the {min_len} it needs")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def scan_max(path):
+    """The largest id in a uint16 token file, read in chunks of 16M tokens (seconds for GBs)."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    return max((int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24)), default=0)
+
+
+def largest_id(path, checked):
+    """scan_max, cached in checked by (path, size, mtime): the checkpoint carries that cache, so a
+    resumed run does not read its data again."""
+    st = os.stat(path)
+    key = os.path.abspath(path)
+    if checked.get(key, {}).get("stamp") != [st.st_size, st.st_mtime_ns]:
+        checked[key] = {"stamp": [st.st_size, st.st_mtime_ns], "max_id": scan_max(path)}
+    return checked[key]["max_id"]
+
+
+def check_ids(paths, meta, data_dir, checked):
+    """Every id in the token files must be below meta.json's vocab_size (a larger one would crash, or
+    train an embedding row no tokenizer can produce); a vocab_size far above the ids is worth a word."""
+    top = max(largest_id(p, checked) for p in paths)
+    v = meta["vocab_size"]
+    if top >= v:
+        bad = next(p for p in paths if largest_id(p, checked) == top)
+        fail(f"'{bad}' holds token id {top}, but '{data_dir}/meta.json' says vocab_size {v}")
+    if v > 2 * (top + 1) and v > top + 1 + 256:
+        print(f"warning: '{data_dir}/meta.json' says vocab_size {v}, but no token id exceeds {top}: the "
+              f"loss starts at ln({v}); check that the data and meta.json belong together", file=sys.stderr)
+
+
+def check_index(path, offsets, n_tokens):
+    """int64 offsets into a token file: from 0, never decreasing, ending at the file's length."""
+    if offsets[0] != 0 or offsets[-1] != n_tokens or (np.diff(offsets) < 0).any():
+        fail(f"'{path}' does not index its token file: its offsets must start at 0, never decrease and end "
+             f"at the token count {n_tokens}")
+
+
+def check_count(meta, key, n, data_dir):
+    if key in meta and meta[key] != n:
+        fail(f"'{data_dir}/meta.json' says {key}={meta[key]!r}, but the files hold {n}")
+
+
+def special_token(meta, name, data_dir):
+    if name not in meta.get("special_tokens", {}):
+        fail(f"'{data_dir}/meta.json' has no special token '{name}' in special_tokens")
+    return meta["special_tokens"][name]
 
 
 class Batches:
@@ -161,12 +232,13 @@ class PretrainBatches(Batches):
     """Random windows of block_size+1 tokens from data_dir/{train,val}.bin (flat uint16 streams)."""
     kind = "pretrain"
 
-    def __init__(self, data_dir, cfg):
+    def __init__(self, data_dir, cfg, checked):
         self.meta = read_meta(data_dir, self.kind)
         self.block_size = cfg["block_size"]
         self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
-        for path in self.paths.values():
-            open_tokens(path, self.meta["vocab_size"], self.block_size + 1)
+        for split, path in self.paths.items():
+            check_count(self.meta, f"{split}_tokens", len(open_tokens(path, self.block_size + 1)), data_dir)
+        check_ids(list(self.paths.values()), self.meta, data_dir, checked)
         self.eot = self.meta.get("special_tokens", {}).get("<|endoftext|>")
         if cfg["doc_mask"] and self.eot is None:
             fail(f"doc_mask=True needs '<|endoftext|>' in special_tokens of {data_dir}/meta.json")
@@ -193,21 +265,26 @@ class SFTBatches(Batches):
     examples with its own generator. Padding: <|pad|> tokens with no target."""
     kind = "sft"
 
-    def __init__(self, data_dir, cfg):
+    def __init__(self, data_dir, cfg, checked):
         self.meta = read_meta(data_dir, self.kind)
         self.block_size, self.seed = cfg["block_size"], cfg["seed"]
-        self.pad = self.meta["special_tokens"]["<|pad|>"]
+        self.pad = special_token(self.meta, "<|pad|>", data_dir)
         self.splits = {}
         for split in ("train", "val"):
-            tokens = open_tokens(os.path.join(data_dir, f"{split}.bin"), self.meta["vocab_size"], 2)
-            mask = np.memmap(os.path.join(data_dir, f"{split}.mask.bin"), dtype=np.uint8, mode="r")
-            offsets = np.fromfile(os.path.join(data_dir, f"{split}.idx"), dtype=np.int64)
-            if len(mask) != len(tokens) or offsets[-1] != len(tokens):
-                fail(f"'{data_dir}/{split}': tokens, mask and offsets disagree in length")
+            path = os.path.join(data_dir, split)
+            tokens = open_tokens(f"{path}.bin", 2)
+            mask = open_tokens(f"{path}.mask.bin", len(tokens), np.uint8, "flags")
+            if len(mask) != len(tokens):
+                fail(f"'{path}.mask.bin' holds {len(mask)} flags for the {len(tokens)} tokens of '{path}.bin'")
+            offsets = np.array(open_tokens(f"{path}.idx", 2, np.int64, "offsets"))
+            check_index(f"{path}.idx", offsets, len(tokens))
+            check_count(self.meta, f"{split}_examples", len(offsets) - 1, data_dir)
+            check_count(self.meta, f"{split}_tokens", len(tokens), data_dir)
             longest = int(np.diff(offsets).max()) - 1
             if longest > self.block_size:
                 fail(f"'{data_dir}/{split}' has an example of {longest} positions: raise block_size to it")
             self.splits[split] = (tokens, mask, offsets)
+        check_ids([os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")], self.meta, data_dir, checked)
         self.epoch, self.pos, self.order = 0, 0, self._order(0)
 
     def _order(self, epoch):
@@ -269,18 +346,28 @@ class PreferenceBatches(Batches):
     prompt followed by its completion, padded to the longest; only completion tokens are targets."""
     kind = "dpo"
 
-    def __init__(self, data_dir, cfg):
+    def __init__(self, data_dir, cfg, checked):
         self.meta = read_meta(data_dir, self.kind)
-        self.pad = self.meta["special_tokens"]["<|pad|>"]
+        self.pad = special_token(self.meta, "<|pad|>", data_dir)
         self.splits = {}
         for split in ("train", "val"):
-            tokens = open_tokens(os.path.join(data_dir, f"{split}.bin"), self.meta["vocab_size"], 3)
-            spans = np.fromfile(os.path.join(data_dir, f"{split}.idx"), dtype=np.int64).reshape(-1, 4)
+            path = os.path.join(data_dir, split)
+            tokens = open_tokens(f"{path}.bin", 3)
+            spans = np.array(open_tokens(f"{path}.idx", 4, np.int64, "offsets"))
+            if len(spans) % 4:
+                fail(f"'{path}.idx' holds {len(spans)} offsets, not rows of 4 (prompt, chosen, rejected, end)")
+            check_index(f"{path}.idx", spans, len(tokens))  # the rows tile the file in order
+            spans = spans.reshape(-1, 4)
+            if (spans[1:, 0] != spans[:-1, 3]).any() or (np.diff(spans, axis=1) == 0).any():
+                fail(f"'{path}.idx': each pair's rows must follow the last and hold a prompt and two replies")
+            check_count(self.meta, f"{split}_pairs", len(spans), data_dir)
+            check_count(self.meta, f"{split}_tokens", len(tokens), data_dir)
             p, c, r, e = spans.T
             longest = int(np.maximum(r - p, (c - p) + (e - r)).max())  # prompt + the longer completion
             if longest - 1 > cfg["block_size"]:
                 fail(f"'{data_dir}/{split}' has a pair of {longest} tokens: raise block_size to {longest - 1}")
             self.splits[split] = (tokens, spans)
+        check_ids([os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")], self.meta, data_dir, checked)
 
     @staticmethod
     def count(batch):
@@ -395,6 +482,10 @@ MODES = {
 }
 
 
+def weights_finite(model):
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
 def to_device(batch, device):
     pin = device.startswith("cuda")
     return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) for k, v in batch.items()}
@@ -483,7 +574,8 @@ def setup_distributed(cfg):
     device = cfg["device"]
     if "RANK" not in os.environ:
         return False, 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
     if device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
@@ -491,30 +583,52 @@ def setup_distributed(cfg):
 
 
 def check_config(cfg, world):
-    """Refuse, naming the key, what the run cannot do."""
+    """Refuse, naming the key, what the run cannot do: before any data is read."""
+    unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+    require(cfg, {
+        "out_dir": NOT_EMPTY, "dataset": NOT_EMPTY, "mode": one_of(*MODES),
+        "batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1,
+        "eval_iters": AT_LEAST_1, "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
+        "max_iters": NON_NEGATIVE,
+        "learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "beta1": unit, "beta2": unit,
+        "warmup_iters": (lambda v: v >= -1, ">= 0, or -1 for 1% of max_iters"),
+        "min_lr": (lambda v: v == -1 or 0 <= v <= cfg["learning_rate"], "in [0, learning_rate], or -1 for 10% of it"),
+        "grad_clip": (lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"), "spike_factor": NON_NEGATIVE,
+        "beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+        "simpo_gamma": (math.isfinite, "finite"), "orpo_lambda": NON_NEGATIVE,
+        "dtype": one_of(*DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
+        "init_from": NOT_EMPTY,
+    })
+    try:
+        GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
+    except ValueError as e:
+        fail(str(e))
     if cfg["gradient_accumulation_steps"] % world:
         fail(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple of "
              f"the {world} processes")
-    if cfg["mode"] not in MODES:
-        fail(f"mode '{cfg['mode']}' is not one of {sorted(MODES)}")
     if cfg["mode"] == "dpo" and cfg["loss_type"] not in LOSS_TYPES:
         fail(f"loss_type '{cfg['loss_type']}' is not one of {LOSS_TYPES}")
-    if not 0 <= cfg["label_smoothing"] < 0.5:
-        fail(f"label_smoothing={cfg['label_smoothing']} must lie in [0, 0.5)")
 
 
-def restore(cfg, batches, device):
+def start_checkpoint(cfg):
+    """The checkpoint the run starts from (None from scratch). A new run never silently replaces the
+    checkpoint of another in its out_dir."""
+    own = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] == "resume":
+        ckpt = read_checkpoint(own)
+        if "optimizer" not in ckpt:  # e.g. one that export.py imported: a start, not a run to go on with
+            fail(f"{own} holds no training state to resume: start from it with init_from={own}")
+        return ckpt
+    if os.path.exists(own) and not cfg["overwrite"]:
+        fail(f"'{own}' exists: continue that run with --init_from=resume, choose another out_dir, or pass "
+             f"--overwrite=True to replace it")
+    return None if cfg["init_from"] == "scratch" else read_checkpoint(cfg["init_from"])
+
+
+def restore(cfg, ckpt, batches, device):
     """The model, its optimizer and the run's progress: from scratch, from a checkpoint's weights
     (init_from=PATH), or everything as it was saved (init_from='resume': optimizer, iteration, the data
     position and the random number generators, so the run goes on exactly)."""
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        if "optimizer" not in ckpt:  # e.g. one that export.py imported: a start, not a run to go on with
-            fail(f"{cfg['out_dir']}/ckpt.pt holds no training state to resume: start from it with "
-                 f"init_from={cfg['out_dir']}/ckpt.pt")
-    elif cfg["init_from"] != "scratch":
-        ckpt = read_checkpoint(cfg["init_from"])
     model = GPT(model_config(cfg, batches.meta["vocab_size"], ckpt))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -537,11 +651,17 @@ def restore(cfg, batches, device):
 class Log:
     """metrics.jsonl (and wandb) on the master process."""
 
-    def __init__(self, cfg, master):
+    def __init__(self, cfg, master, resume_at=None):
+        """resume_at: the file's size when the resumed checkpoint was saved; what a run wrote after it
+        (and will write again) is cut, so readers see one curve. A new run starts the file afresh."""
         self.file = self.wandb = None
         if master:
             os.makedirs(cfg["out_dir"], exist_ok=True)
-            self.file = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a")
+            path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+            self.file = open(path, "a" if cfg["init_from"] == "resume" else "w")
+            if resume_at is not None and resume_at <= self.file.tell():
+                self.file.truncate(resume_at)
+                self.file.seek(resume_at)
             if cfg["wandb_log"]:
                 import wandb
                 self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
@@ -593,20 +713,20 @@ def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, wo
 
 
 def train(cfg):
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     ddp, rank, world, device = setup_distributed(cfg)
     master, device_type = rank == 0, device.split(":")[0]
-    check_config(cfg, world)
-    try:
-        ctx = autocast_context(cfg["dtype"], device_type)
-    except ValueError as e:
-        fail(str(e))
+    ctx = autocast_context(cfg["dtype"], device_type)
     torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
     Batches, make_loss = MODES[cfg["mode"]]
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
-    batches = Batches(data_dir, cfg)
-    raw_model, optimizer, sampler, progress = restore(cfg, batches, device)
+    ckpt = start_checkpoint(cfg)
+    resuming = cfg["init_from"] == "resume"
+    checked = dict(ckpt.get("data_checked", {})) if resuming else {}  # token files already scanned
+    batches = Batches(data_dir, cfg, checked)
+    raw_model, optimizer, sampler, progress = restore(cfg, ckpt, batches, device)
     loss_fn = make_loss(cfg, progress["first_cfg"], device)
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
@@ -619,15 +739,30 @@ def train(cfg):
                                       and k in torch.cuda.get_device_name(device)), 0.0)
     flops_per_iter = raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter
     bytes_per_token = batches.meta.get("bytes_per_token")
-    tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
+    try:
+        tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
+    except ValueError as e:
+        fail(f"'{data_dir}/meta.json': {e}")
     stop_at = cfg["max_iters"] if cfg["stop_at_iter"] < 0 else min(cfg["stop_at_iter"], cfg["max_iters"])
-    log = Log(cfg, master)
+    log = Log(cfg, master, ckpt.get("metrics_bytes") if resuming else None)
+    del ckpt  # its tensors are in the model and optimizer now
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, {world} "
               f"process(es) x {cfg['gradient_accumulation_steps'] // world} micro-batches of {cfg['batch_size']}x"
               f"{cfg['block_size']}, {'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}")
 
-    def checkpoint():
+    last_saved = progress["iter_num"] if resuming else None
+
+    def checkpoint(val_loss=None):
+        """Save the run, unless it has diverged: non-finite weights or val loss are never written."""
+        nonlocal last_saved
+        bad = ("val loss" if val_loss is not None and not math.isfinite(val_loss)
+               else "weights" if not weights_finite(raw_model) else None)
+        if bad:
+            if master:
+                print(f"iter {iter_num}: not saving a checkpoint: non-finite {bad} ({kept()})")
+            return
+        last_saved = iter_num
         if master:
             rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}
             if device_type == "cuda":
@@ -635,8 +770,11 @@ def train(cfg):
             save_checkpoint({"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                              "config": cfg, "optimizer": optimizer.state_dict(), "iter_num": iter_num,
                              "best_val_loss": progress["best_val_loss"], "loss_ema": loss_ema, "rng": rng,
-                             "data_state": batches.state(), "tokenizer": tokenizer, "data_meta": batches.meta},
-                            cfg["out_dir"])
+                             "data_state": batches.state(), "tokenizer": tokenizer, "data_meta": batches.meta,
+                             "data_checked": checked, "metrics_bytes": log.file.tell()}, cfg["out_dir"])
+
+    def kept():
+        return "this run saved no checkpoint" if last_saved is None else f"the checkpoint of iter {last_saved} is kept"
 
     iter_num, loss_ema, start_iter = progress["iter_num"], progress["loss_ema"], progress["iter_num"]
     bad_steps, t_last, iters_timed = 0, time.perf_counter(), 0
@@ -656,7 +794,7 @@ def train(cfg):
             progress["best_val_loss"] = min(progress["best_val_loss"], record["val_loss"])
             stopping_early = iter_num == stop_at and stop_at < cfg["max_iters"]
             if iter_num > 0 and (improved or cfg["always_save_checkpoint"] or stopping_early):
-                checkpoint()
+                checkpoint(record["val_loss"])
             t_last, iters_timed = time.perf_counter(), 0  # keep eval out of the step timings
         if iter_num >= stop_at:
             break
@@ -672,12 +810,12 @@ def train(cfg):
             bad_steps += 1
             reason = "spike" if spike else "non-finite"
             if master:
-                print(f"iter {iter_num}: skipped update ({reason} loss {loss_val:.4f}, "
+                print(f"iter {iter_num}: skipped update ({reason} loss {loss_val:.4f}, grad norm {norm_val:.4g}, "
                       f"running mean {loss_ema or float('nan'):.4f})")
             log({"iter": iter_num, "skipped": reason, "loss": loss_val if math.isfinite(loss_val) else None})
             if bad_steps >= cfg["max_bad_steps"]:
-                fail(f"{bad_steps} bad steps in a row at iter {iter_num}: stopping without a checkpoint "
-                     f"(the last good one is kept). Lower learning_rate or check the data.")
+                fail(f"{bad_steps} bad steps in a row at iter {iter_num}: stopping ({kept()}). Lower "
+                     f"learning_rate or check the data.")
         else:
             bad_steps = 0
             optimizer.step()
@@ -701,8 +839,9 @@ def train(cfg):
         checkpoint()
     log.close()
     if ddp:
+        dist.barrier()  # rank 0 may still be writing the checkpoint: leave together
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    train(configure(defaults))
+    train(configure(defaults, doc_files=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")]))

@@ -272,3 +272,25 @@ def test_export_refuses_a_parameter_it_cannot_name(tmp_path, bpe):
     model.blocks[1].attn.q_norm = RMSNorm(16, 1e-6)
     with pytest.raises(ValueError, match=r"no Hugging Face Llama name for blocks\.1\.attn\.q_norm\.weight"):
         export.to_hf_weights(model)
+
+
+def test_byte_level_model_exports_only_the_ids_it_has(tmp_path):
+    """A model trained on data whose meta.json said vocab_size 256 has no rows for the byte tokenizer's
+    special tokens (256..259): the export leaves them out instead of naming ids beyond its embedding."""
+    model = write_checkpoint(tmp_path / "run", {"kind": "bytes"}, vocab_size=256)
+    export_to(tmp_path / "hf", tmp_path / "run")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.eos_token_id is None and hf.config.pad_token_id is None
+    assert logits_diff(model, hf, 256) <= 1e-4
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    assert len(tok) == 256 and tok.encode("hé") == list("hé".encode())
+
+
+def test_import_refuses_a_shard_outside_its_directory(tmp_path, bpe):
+    write_checkpoint(tmp_path / "run", bpe)
+    export_to(tmp_path / "hf", tmp_path / "run")
+    os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match="names a shard outside"):
+        import_to(tmp_path / "back", tmp_path / "hf")

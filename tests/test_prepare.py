@@ -231,7 +231,7 @@ def test_bad_inputs(tmp_path):
     r = prep(root, "out")
     assert r.returncode != 0 and "exists: pass --overwrite=True" in r.stderr
     r = prep(root, "big", "--vocab_size=70000")
-    assert r.returncode != 0 and "does not fit uint16" in r.stderr and not (root / "big").exists()
+    assert r.returncode != 0 and "fit uint16 token files" in r.stderr and not (root / "big").exists()
 
 
 def test_embedded_corpus_readers():
