@@ -260,12 +260,28 @@ class GPT(nn.Module):
                                    ignore_index=-100, reduction=reduction)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay only on matrices (not on norm gains); the fused kernel on CUDA."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                             muon_lr=0.02, muon_momentum=0.95):
+        """AdamW; weight decay only on matrices (not on norm gains); the fused kernel on CUDA.
+        optimizer='muon': Muon for the matrices inside the blocks, AdamW for the embedding, the head and
+        the norm gains. Every group carries lr_ratio, its learning rate over learning_rate, so one
+        schedule drives them all (train.py sets lr = schedule * lr_ratio)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        if optimizer == "adamw":
+            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+            for g in groups:
+                g["lr_ratio"] = 1.0
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        hidden = {id(p) for p in self.blocks.parameters() if p.dim() == 2}
+        return Muon([
+            {"params": [p for p in params if id(p) in hidden], "use_muon": True, "lr": muon_lr,
+             "lr_ratio": muon_lr / learning_rate, "momentum": muon_momentum, "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in hidden and p.dim() >= 2], "use_muon": False,
+             "lr": learning_rate, "lr_ratio": 1.0, "betas": betas, "eps": 1e-8, "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "use_muon": False, "lr": learning_rate,
+             "lr_ratio": 1.0, "betas": betas, "eps": 1e-8, "weight_decay": 0.0},
+        ])
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
@@ -329,6 +345,63 @@ def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperat
         row = row[:row.index(end)] if end in row else row
         replies.append(enc.decode([t for t in row if t < enc.n_vocab]))  # not the vocabulary's padding
     return replies
+
+
+def orthogonalize(G, steps=5):
+    """Approximately U V^T of G = U S V^T: every singular value pushed to about 1 (into [0.7, 1.2]) by a
+    quintic Newton-Schulz iteration, X <- a X + b (X X^T) X + c (X X^T)^2 X, after scaling G to norm 1.
+    The coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's: they make small singular values
+    grow fast at the price of not converging exactly to 1. Only matrix products: cheap on a GPU."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    tall = X.size(0) > X.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024) for the groups with use_muon; AdamW for the rest. For a weight W
+    (out x in) with gradient G:
+        M <- mu M + G                          (momentum)
+        U <- orthogonalize(G + mu M)           (Nesterov; every direction of the update gets the same size)
+        W <- W (1 - lr wd) - lr max(1, out/in)^0.5 U
+    The other groups follow torch.optim.AdamW's formulas (decoupled weight decay, bias correction).
+    Every process of a DDP run holds the same all-reduced gradients and computes the whole update
+    itself: the weights stay identical, at the cost of repeating the orthogonalization on each rank."""
+
+    def __init__(self, groups):
+        super().__init__(groups, {})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["use_muon"]:
+                    mu = group["momentum"]
+                    if not state:
+                        state["momentum"] = torch.zeros_like(p)
+                    m = state["momentum"].mul_(mu).add_(p.grad)
+                    update = orthogonalize(p.grad + mu * m) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.mul_(1 - lr * wd).add_(update, alpha=-lr)
+                else:
+                    (b1, b2), eps = group["betas"], group["eps"]
+                    if not state:
+                        state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state["step"] += 1
+                    t = state["step"].item()
+                    state["exp_avg"].lerp_(p.grad, 1 - b1)
+                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(eps)
+                    p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
 
 
 DTYPES = ("auto", "bfloat16", "float32")  # the values of the scripts' dtype key

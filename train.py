@@ -54,7 +54,10 @@ defaults = dict(
     n_embd=256,
     hidden_dim=0,               # 0 = about 8/3 * n_embd
     dropout=0.0,
-    # AdamW with linear warmup, then cosine decay to min_lr
+    # AdamW (or Muon for the matrices inside the blocks) with linear warmup, then cosine decay to min_lr
+    optimizer="adamw",          # 'adamw' | 'muon': Muon for the blocks' matrices, AdamW for the rest
+    muon_lr=0.02,               # optimizer='muon': its peak learning rate (the schedule scales it too)
+    muon_momentum=0.95,
     learning_rate=1e-3,
     max_iters=600,
     warmup_iters=-1,            # -1 = 1% of max_iters
@@ -591,6 +594,7 @@ def check_config(cfg, world):
         "eval_iters": AT_LEAST_1, "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
         "max_iters": NON_NEGATIVE,
         "learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "beta1": unit, "beta2": unit,
+        "optimizer": one_of("adamw", "muon"), "muon_lr": POSITIVE, "muon_momentum": unit,
         "warmup_iters": (lambda v: v >= -1, ">= 0, or -1 for 1% of max_iters"),
         "min_lr": (lambda v: v == -1 or 0 <= v <= cfg["learning_rate"], "in [0, learning_rate], or -1 for 10% of it"),
         "grad_clip": (lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"), "spike_factor": NON_NEGATIVE,
@@ -618,6 +622,9 @@ def start_checkpoint(cfg):
         ckpt = read_checkpoint(own)
         if "optimizer" not in ckpt:  # e.g. one that export.py imported: a start, not a run to go on with
             fail(f"{own} holds no training state to resume: start from it with init_from={own}")
+        if cfg["optimizer"] != ckpt["config"].get("optimizer", "adamw"):
+            fail(f"cannot resume with optimizer={cfg['optimizer']}: {own} was trained with "
+                 f"{ckpt['config'].get('optimizer', 'adamw')}")
         return ckpt
     if os.path.exists(own) and not cfg["overwrite"]:
         fail(f"'{own}' exists: continue that run with --init_from=resume, choose another out_dir, or pass "
@@ -634,7 +641,7 @@ def restore(cfg, ckpt, batches, device):
         model.load_state_dict(ckpt["model"])
     model.to(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           device.split(":")[0])
+                                           device.split(":")[0], cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
     sampler = torch.Generator().manual_seed(cfg["seed"])  # draws every batch; its state is the data position
     progress = {"iter_num": 0, "best_val_loss": float("inf"), "loss_ema": None, "first_cfg": cfg}
     if cfg["init_from"] == "resume":
@@ -801,7 +808,7 @@ def train(cfg):
 
         lr = get_lr(iter_num, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's matrices: muon_lr at the peak
         step_loss = train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, world)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
         loss_val, norm_val = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
