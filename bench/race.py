@@ -107,7 +107,7 @@ def main():
             print(f"nanoGPT, learning_rate={lr}")
             runs[f"nanoGPT lr={lr}"] = run_nanogpt(args.nanogpt, args.data, lr, bf16, args.seconds,
                                                    os.path.join(tmp, lr))
-        for i, extra in enumerate(args.ours.split(";")):
+        for i, extra in enumerate(x for x in args.ours.split(";") if x.strip()):
             print(f"ours {extra}")
             runs[f"ours {extra}"] = run_ours(os.path.dirname(os.path.abspath(args.data)), extra.split(), args.seconds,
                                              tmp, f"ours{i}")
