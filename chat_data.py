@@ -350,10 +350,11 @@ def convert_file(cfg):
                 except (ValueError, KeyError, TypeError, RecursionError) as e:
                     sys.exit(f"{loc}: {e}")
                 out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-    except OSError as e:
-        sys.exit(f"convert_out '{cfg['convert_out']}': {e.strerror}")
-    finally:
-        if sys.exc_info()[0] is not None and os.path.exists(tmp):
-            os.remove(tmp)  # a failed conversion leaves no partial file
+    except BaseException as e:  # a failed conversion leaves no partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            sys.exit(f"convert_out '{cfg['convert_out']}': {e.strerror}")
+        raise
     os.replace(tmp, cfg["convert_out"])
     print(f"wrote {cfg['convert_out']}")

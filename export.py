@@ -178,10 +178,9 @@ def special_ids(enc, vocab_size):
     return {s: i for s, i in enc._special_tokens.items() if i < vocab_size}
 
 
-def hf_config(c, enc):
-    """config.json for LlamaForCausalLM. rope_theta is written both the Transformers 5 way
-    (rope_parameters) and the older way, which other readers (vLLM, llama.cpp) look for."""
-    special = special_ids(enc, c.vocab_size)
+def hf_config(c, special):
+    """config.json for LlamaForCausalLM (special: special_ids). rope_theta is written both the
+    Transformers 5 way (rope_parameters) and the older way, which other readers (vLLM, llama.cpp) look for."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.hidden_dim,
@@ -236,7 +235,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "{{ '<|im_start|>assistant\n' }}{% endif %}")  # tokenizer.render_chat's ChatML
 
 
-def hf_tokenizer(enc, vocab_size):
+def hf_tokenizer(enc, special):
     """tokenizer.json (the `tokenizers` library's format) for a tiktoken Encoding: the same split
     regex, then byte-level BPE. tiktoken merges whichever adjacent pair forms the lowest-ranked token;
     BPE merges pairs from a list in order, so each token gets one merge per way of splitting it into two
@@ -249,7 +248,7 @@ def hf_tokenizer(enc, vocab_size):
         splits = [(token[:i], token[i:]) for i in range(1, len(token))]
         merges += sorted((ranks[a], ranks[b], text[a], text[b]) for a, b in splits if a in ranks and b in ranks)
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for s, i in sorted(special_ids(enc, vocab_size).items(), key=lambda kv: kv[1])]
+              "special": True} for s, i in sorted(special.items(), key=lambda kv: kv[1])]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -364,10 +363,10 @@ def export(cfg):
     special = special_ids(enc, model.config.vocab_size)
     stops = [special[s] for s in ("<|endoftext|>", "<|im_end|>") if s in special]
     files = {
-        "config.json": {**hf_config(model.config, enc), "dtype": cfg["dtype"], "torch_dtype": cfg["dtype"]},
+        "config.json": {**hf_config(model.config, special), "dtype": cfg["dtype"], "torch_dtype": cfg["dtype"]},
         "generation_config.json": {"bos_token_id": None, "eos_token_id": stops,
                                    "pad_token_id": special.get("<|pad|>")},
-        "tokenizer.json": hf_tokenizer(enc, model.config.vocab_size),
+        "tokenizer.json": hf_tokenizer(enc, special),
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
                                   "eos_token": "<|endoftext|>" if "<|endoftext|>" in special else None,
                                   "pad_token": "<|pad|>" if "<|pad|>" in special else None,
@@ -377,7 +376,7 @@ def export(cfg):
         weights = to_hf_weights(model)
     except ValueError as e:
         sys.exit(f"cannot export {cfg['ckpt']}: {e}")
-    with staged_dir(cfg["out"], cfg["overwrite"]) as tmp:
+    with staged_dir(cfg["out"]) as tmp:
         write_safetensors({k: v.to(dtype) for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
         for name, content in files.items():
             with open(os.path.join(tmp, name), "w") as f:
@@ -413,12 +412,11 @@ def check_target(path, overwrite):
 
 
 @contextmanager
-def staged_dir(path, overwrite):
+def staged_dir(path):
     """Write a directory under a temporary name (path.partial, marked as ours) and move it into place
-    only when complete. An existing path (see check_target) is set aside as path.old, the new one
-    renamed into place, then the old one deleted, so a complete export stands at path or path.old at
-    every instant."""
-    check_target(path, overwrite)
+    only when complete. An existing path (which check_target has let through) is set aside as path.old,
+    the new one renamed into place, then the old one deleted, so a complete export stands at path or
+    path.old at every instant."""
     path = path.rstrip("/")
     old, tmp = path + ".old", path + ".partial"
     if os.path.exists(tmp):

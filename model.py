@@ -264,23 +264,21 @@ class GPT(nn.Module):
                              muon_lr=0.02, muon_momentum=0.95):
         """AdamW; weight decay only on matrices (not on norm gains); the fused kernel on CUDA.
         optimizer='muon': Muon for the matrices inside the blocks, AdamW for the embedding, the head and
-        the norm gains. Every group carries lr_ratio, its learning rate over learning_rate, so one
-        schedule drives them all (train.py sets lr = schedule * lr_ratio)."""
+        the norm gains. Muon's group carries lr_ratio, its learning rate over learning_rate, so one
+        schedule drives them all (train.py sets lr = schedule * lr_ratio, a missing ratio being 1)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if optimizer == "adamw":
             groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-            for g in groups:
-                g["lr_ratio"] = 1.0
             return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
         hidden = {id(p) for p in self.blocks.parameters() if p.dim() == 2}
         return Muon([
             {"params": [p for p in params if id(p) in hidden], "use_muon": True, "lr": muon_lr,
              "lr_ratio": muon_lr / learning_rate, "momentum": muon_momentum, "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) not in hidden and p.dim() >= 2], "use_muon": False,
-             "lr": learning_rate, "lr_ratio": 1.0, "betas": betas, "eps": 1e-8, "weight_decay": weight_decay},
+             "lr": learning_rate, "betas": betas, "eps": 1e-8, "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "use_muon": False, "lr": learning_rate,
-             "lr_ratio": 1.0, "betas": betas, "eps": 1e-8, "weight_decay": 0.0},
+             "betas": betas, "eps": 1e-8, "weight_decay": 0.0},
         ])
 
     @torch.no_grad()
@@ -394,10 +392,9 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd).add_(update, alpha=-lr)
                 else:
                     (b1, b2), eps = group["betas"], group["eps"]
-                    if not state:
-                        state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    state["step"] += 1
-                    t = state["step"].item()
+                    if not state:  # the step count is a Python int: reading a tensor's would sync a GPU
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state["step"] = t = state["step"] + 1
                     state["exp_avg"].lerp_(p.grad, 1 - b1)
                     state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                     denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(eps)

@@ -966,7 +966,7 @@ def prepare_pretrain(cfg, tmp_dir):
     lap("dedup")
     print(f"dedup: {dedup['exact']} exact and {dedup['near']} near duplicates removed, {alive.sum():,} left")
     if not alive.any():
-        problems = [p for r in reports for p in r.get("problems", [])]
+        problems = problem_files(reports)
         raise DataError("no documents left after filtering and deduplication"
                         + (f" ({'; '.join(problems[:5])})" if problems else ""))
     mix = split_and_mix(units, unit_list, alive, cfg)
@@ -1006,6 +1006,11 @@ def prepare_pretrain(cfg, tmp_dir):
                     "mb_per_core_s": {k: round(mb / max(v, 1e-9), 2) for k, v in core.items()}}}
 
 
+def problem_files(reports):
+    """'path: what' of the files the units' readers counted as replaced, empty, binary or unreadable."""
+    return [p for r in reports for p in r.get("problems", [])]
+
+
 def document_stage_all(unit_list, cfg, work, workers):
     """Every unit's report from the document stage; finished units of an earlier run are reused."""
     reports = {}
@@ -1020,7 +1025,7 @@ def document_stage_all(unit_list, cfg, work, workers):
     reports = [reports[i] for i in range(len(unit_list))]
     print(f"read {sum(r['documents'] for r in reports):,} documents, {sum(r['bytes'] for r in reports) / 1e6:.1f} MB, "
           f"from {len(unit_list)} units")
-    problems = [p for r in reports for p in r.get("problems", [])]
+    problems = problem_files(reports)
     for p in problems[:10]:
         print(f"warning: {p}", file=sys.stderr)
     if len(problems) > 10:

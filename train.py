@@ -174,14 +174,13 @@ def largest_id(path, checked):
     return checked[key]["max_id"]
 
 
-def check_ids(paths, meta, data_dir, checked):
-    """Every id in the token files must be below meta.json's vocab_size (a larger one would crash, or
-    train an embedding row no tokenizer can produce); a vocab_size far above the ids is worth a word."""
-    top = max(largest_id(p, checked) for p in paths)
+def check_ids(data_dir, meta, checked):
+    """Every id in train.bin and val.bin must be below meta.json's vocab_size (a larger one would crash,
+    or train an embedding row no tokenizer can produce); a vocab_size far above the ids is worth a word."""
+    top, path = max((largest_id(p, checked), p) for p in (os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")))
     v = meta["vocab_size"]
     if top >= v:
-        bad = next(p for p in paths if largest_id(p, checked) == top)
-        fail(f"'{bad}' holds token id {top}, but '{data_dir}/meta.json' says vocab_size {v}")
+        fail(f"'{path}' holds token id {top}, but '{data_dir}/meta.json' says vocab_size {v}")
     if v > 2 * (top + 1) and v > top + 1 + 256:
         print(f"warning: '{data_dir}/meta.json' says vocab_size {v}, but no token id exceeds {top}: the "
               f"loss starts at ln({v}); check that the data and meta.json belong together", file=sys.stderr)
@@ -241,7 +240,7 @@ class PretrainBatches(Batches):
         self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
         for split, path in self.paths.items():
             check_count(self.meta, f"{split}_tokens", len(open_tokens(path, self.block_size + 1)), data_dir)
-        check_ids(list(self.paths.values()), self.meta, data_dir, checked)
+        check_ids(data_dir, self.meta, checked)
         self.eot = self.meta.get("special_tokens", {}).get("<|endoftext|>")
         if cfg["doc_mask"] and self.eot is None:
             fail(f"doc_mask=True needs '<|endoftext|>' in special_tokens of {data_dir}/meta.json")
@@ -287,7 +286,7 @@ class SFTBatches(Batches):
             if longest > self.block_size:
                 fail(f"'{data_dir}/{split}' has an example of {longest} positions: raise block_size to it")
             self.splits[split] = (tokens, mask, offsets)
-        check_ids([os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")], self.meta, data_dir, checked)
+        check_ids(data_dir, self.meta, checked)
         self.epoch, self.pos, self.order = 0, 0, self._order(0)
 
     def _order(self, epoch):
@@ -370,7 +369,7 @@ class PreferenceBatches(Batches):
             if longest - 1 > cfg["block_size"]:
                 fail(f"'{data_dir}/{split}' has a pair of {longest} tokens: raise block_size to {longest - 1}")
             self.splits[split] = (tokens, spans)
-        check_ids([os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")], self.meta, data_dir, checked)
+        check_ids(data_dir, self.meta, checked)
 
     @staticmethod
     def count(batch):
