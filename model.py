@@ -56,6 +56,16 @@ def config_from_checkpoint(ckpt, dropout=0.0):
     return GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
 
 
+def normal_init_(weight, std):
+    """weight <- N(0, std), drawn whole on the CPU. A DTensor (one process's shard of the weight under
+    FSDP) keeps its own part of that draw."""
+    full = torch.empty(weight.shape).normal_(0.0, std).to(weight.device)
+    if hasattr(weight, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        full = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None)
+    weight.copy_(full)
+
+
 def residual_projection(n_in, n_out):
     """A linear layer that writes into the residual stream; GPT.__init__ scales its initialization."""
     layer = nn.Linear(n_in, n_out, bias=False)
@@ -183,6 +193,7 @@ def doc_ids_from_eot(idx, eot_token):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        rng = torch.get_rng_state()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -191,15 +202,33 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2 scheme: the projections that write into the residual stream are scaled by 1/sqrt(2*n_layer)
-        # so the stream's variance does not grow with depth
+        head_dim = config.n_embd // config.n_head
+        self.register_buffer("cos", torch.empty(config.block_size, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(config.block_size, head_dim // 2), persistent=False)
+        # the layers drew their default initializations from the generator (on the meta device they draw
+        # nothing): rewind it, so the weights depend on the seed alone, however the model was built
+        torch.set_rng_state(rng)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Every weight N(0, 0.02) from torch's global generator, in module order; then the projections
+        that write into the residual stream drawn again at 0.02/sqrt(2*n_layer) (GPT-2: the stream's
+        variance does not grow with depth); norm gains 1; the rotary tables. A model built on the meta
+        device and sharded (parallel.py) calls it again once its shards exist: each draws the whole
+        tensor and keeps its part, so every split starts from the weights of one process."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                normal_init_(module.weight, 0.02)
         for module in self.modules():
             if getattr(module, "writes_residual", False):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                normal_init_(module.weight, 0.02 / math.sqrt(2 * self.config.n_layer))
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        c = self.config
+        cos, sin = rotary_tables(c.n_embd // c.n_head, c.block_size, c.rope_theta)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     @classmethod
     def from_checkpoint(cls, ckpt, dropout=0.0):
@@ -220,10 +249,6 @@ class GPT(nn.Module):
             return cls.from_checkpoint(ckpt).to(device).eval(), ckpt
         except Exception as e:  # truncated, not a checkpoint, or from an incompatible version
             raise ValueError(f"checkpoint '{file}' cannot be loaded: {type(e).__name__}: {e}") from e
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once

@@ -4,9 +4,9 @@ DPO modes plug into the same loop as a batch source and a loss.
 
     python train.py config/pretrain_tiny.py                        # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train.py config/pretrain.py        # DDP on one node
+    torchrun --nproc_per_node=8 train.py config/pretrain_1b.py     # FSDP: weights and state sharded
     python train.py config/pretrain_tiny.py --init_from=resume     # continue exactly where it stopped
 """
-import datetime
 import json
 import math
 import os
@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import parallel
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, require
 from model import DTYPES, GPT, GPTConfig, autocast_context, config_from_checkpoint, doc_ids_from_eot
 from tokenizer import inline_spec
@@ -81,6 +82,7 @@ defaults = dict(
     dtype="auto",               # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
     compile=False,
     seed=1337,
+    parallel="ddp",             # under torchrun: 'ddp' (whole model per process) | 'fsdp' (sharded: parallel.py)
     dist_timeout=600.0,         # seconds a process waits for the others (torchrun) before it fails
     peak_flops=0.0,             # device peak FLOP/s for MFU; 0 = known GPUs' bf16 dense peak, else no MFU
 )
@@ -484,10 +486,6 @@ MODES = {
 }
 
 
-def weights_finite(model):
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
-
-
 def to_device(batch, device):
     pin = device.startswith("cuda")
     return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) for k, v in batch.items()}
@@ -502,14 +500,16 @@ def estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world):
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(cfg["seed"] + 1)
         totals = {}  # summed loss, count and the mode's metrics
-        for i in range(cfg["eval_iters"]):
+        # every rank runs as many forwards as the others (FSDP's are collective); the spares are not counted
+        for i in range(math.ceil(cfg["eval_iters"] / world) * world):
             batch = batches.get(split, cfg["batch_size"], g)
             if i % world == rank:
                 batch = to_device(batch, device)
                 with ctx:
                     loss, stats = loss_fn(model, batch)
                 for k, v in {"loss": loss, "count": batches.count(batch), **stats}.items():
-                    totals[k] = totals.get(k, 0) + v.float()
+                    v = v.float() if i < cfg["eval_iters"] else torch.zeros_like(v, dtype=torch.float)
+                    totals[k] = totals.get(k, 0) + v
         keys = sorted(totals)
         sums = torch.stack([totals[k] for k in keys])
         if world > 1:
@@ -530,14 +530,6 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"checkpoint '{path}' cannot be loaded: {type(e).__name__}: {e}")
-
-
-def save_checkpoint(state, out_dir):
-    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ckpt.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def model_config(cfg, vocab_size, ckpt):
@@ -570,20 +562,6 @@ def load_reference(cfg, first_cfg, device):
 # ----------------------------------------------------------------------------- set-up
 
 
-def setup_distributed(cfg):
-    """(ddp, rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process then
-    drives one GPU (nccl) or shares the CPU (gloo)."""
-    device = cfg["device"]
-    if "RANK" not in os.environ:
-        return False, 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
 def check_config(cfg, world):
     """Refuse, naming the key, what the run cannot do: before any data is read."""
     unit = (lambda v: 0 <= v < 1, "in [0, 1)")
@@ -600,7 +578,7 @@ def check_config(cfg, world):
         "beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
         "simpo_gamma": (math.isfinite, "finite"), "orpo_lambda": NON_NEGATIVE,
         "dtype": one_of(*DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
-        "init_from": NOT_EMPTY,
+        "init_from": NOT_EMPTY, "parallel": one_of("ddp", "fsdp"),
     })
     try:
         GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
@@ -611,40 +589,70 @@ def check_config(cfg, world):
              f"the {world} processes")
     if cfg["mode"] == "dpo" and cfg["loss_type"] not in LOSS_TYPES:
         fail(f"loss_type '{cfg['loss_type']}' is not one of {LOSS_TYPES}")
+    if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "muon":
+        fail("optimizer='muon' orthogonalizes whole matrices, which parallel='fsdp' splits over the processes: "
+             "use optimizer='adamw' with FSDP, or parallel='ddp'")
 
 
-def start_checkpoint(cfg):
-    """The checkpoint the run starts from (None from scratch). A new run never silently replaces the
-    checkpoint of another in its out_dir."""
-    own = os.path.join(cfg["out_dir"], "ckpt.pt")
+def start_checkpoint(cfg, fsdp):
+    """The checkpoint the run starts from (None from scratch): out_dir/ckpt.pt, or under FSDP the state of
+    out_dir's sharded checkpoint (its folder in 'shards'; the weights are read after sharding). A new run
+    never silently replaces the checkpoint of another in its out_dir."""
+    own, shards = os.path.join(cfg["out_dir"], "ckpt.pt"), parallel.latest_shards(cfg["out_dir"])
+
+    def sharded_state():
+        try:
+            return {**parallel.read_state(shards), "shards": shards}
+        except ValueError as e:
+            fail(str(e))
+
     if cfg["init_from"] == "resume":
+        if fsdp:
+            if shards is None:
+                fail(f"'{cfg['out_dir']}' holds no sharded checkpoint (shards/latest) to resume with parallel='fsdp'"
+                     + (": resume its ckpt.pt with parallel='ddp'" if os.path.exists(own) else ""))
+            return sharded_state()
+        if shards is not None and not os.path.exists(own):
+            fail(f"'{cfg['out_dir']}' holds a sharded checkpoint but no ckpt.pt: resume with --parallel=fsdp "
+                 f"under torchrun, or write ckpt.pt with: python parallel.py {cfg['out_dir']}")
         ckpt = read_checkpoint(own)
         if "optimizer" not in ckpt:  # e.g. one that export.py imported: a start, not a run to go on with
             fail(f"{own} holds no training state to resume: start from it with init_from={own}")
+        if shards is not None and sharded_state()["iter_num"] > ckpt["iter_num"]:
+            fail(f"'{shards}' is newer than {own}: resume with --parallel=fsdp under torchrun, or bring "
+                 f"ckpt.pt up to date with: python parallel.py {cfg['out_dir']}")
         if cfg["optimizer"] != ckpt["config"].get("optimizer", "adamw"):
             fail(f"cannot resume with optimizer={cfg['optimizer']}: {own} was trained with "
                  f"{ckpt['config'].get('optimizer', 'adamw')}")
         return ckpt
-    if os.path.exists(own) and not cfg["overwrite"]:
-        fail(f"'{own}' exists: continue that run with --init_from=resume, choose another out_dir, or pass "
-             f"--overwrite=True to replace it")
+    if (os.path.exists(own) or shards) and not cfg["overwrite"]:
+        fail(f"'{own if os.path.exists(own) else shards}' exists: continue that run with --init_from=resume, "
+             f"choose another out_dir, or pass --overwrite=True to replace it")
     return None if cfg["init_from"] == "scratch" else read_checkpoint(cfg["init_from"])
 
 
-def restore(cfg, ckpt, batches, device):
+def restore(cfg, ckpt, batches, device, fsdp, bf16):
     """The model, its optimizer and the run's progress: from scratch, from a checkpoint's weights
     (init_from=PATH), or everything as it was saved (init_from='resume': optimizer, iteration, the data
-    position and the random number generators, so the run goes on exactly)."""
-    model = GPT(model_config(cfg, batches.meta["vocab_size"], ckpt))
-    if ckpt is not None:
+    position and the random number generators, so the run goes on exactly). fsdp: the model is sharded
+    over the processes (parallel.shard_model) before any weight is loaded."""
+    config = model_config(cfg, batches.meta["vocab_size"], ckpt)
+    model = parallel.shard_model(config, device, bf16) if fsdp else GPT(config)
+    if ckpt is not None and not fsdp:
         model.load_state_dict(ckpt["model"])
     model.to(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device.split(":")[0], cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
+    if ckpt is not None and fsdp:
+        if "shards" in ckpt:
+            parallel.load_sharded(ckpt["shards"], model, optimizer)
+        else:
+            parallel.load_full_weights(model, ckpt["model"])
     sampler = torch.Generator().manual_seed(cfg["seed"])  # draws every batch; its state is the data position
     progress = {"iter_num": 0, "best_val_loss": float("inf"), "loss_ema": None, "first_cfg": cfg}
     if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if not fsdp:
+            optimizer.load_state_dict(ckpt["optimizer"])
         progress.update({k: ckpt[k] for k in ("iter_num", "best_val_loss", "loss_ema")}, first_cfg=ckpt["config"])
         sampler.set_state(ckpt["rng"]["sampler"])
         batches.load_state(ckpt["data_state"])
@@ -679,6 +687,10 @@ class Log:
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
 
+    def tell(self):
+        """The file's size so far (on the master process): a resumed run cuts the file back to it."""
+        return self.file.tell() if self.file else None
+
     def close(self):
         if self.file:
             self.file.close()
@@ -686,7 +698,7 @@ class Log:
                 self.wandb.finish()
 
 
-def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, world):
+def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, rank, world):
     """Forward and backward over the step's micro-batches, accumulating gradients; returns the step's loss.
     One shared draw of the whole step's micro-batches; this rank takes its slice. Every mode's loss is a
     sum over counted terms; the step's loss is the sum over all micro-batches and ranks divided by the
@@ -695,15 +707,15 @@ def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, wo
     step = [batches.next_train(cfg["batch_size"], sampler) for _ in range(accum * world)]
     micro = [to_device(b, device) for b in step[rank * accum:(rank + 1) * accum]]
     n_terms = sum(batches.count(b) for b in micro).float()
-    if ddp:
+    if world > 1:
         dist.all_reduce(n_terms)
     step_loss = torch.zeros((), device=device)
     try:
         for i, batch in enumerate(micro):
-            if ddp:  # all-reduce gradients only after the last micro-batch
-                model.require_backward_grad_sync = i == accum - 1
+            if world > 1:  # reduce gradients over the ranks only after the last micro-batch
+                parallel.set_gradient_sync(model, i == accum - 1)
             with ctx:
-                loss = loss_fn(model, batch)[0] / n_terms * world  # DDP averages gradients over ranks; undo it
+                loss = loss_fn(model, batch)[0] / n_terms * world  # DDP and FSDP average over ranks; undo it
             loss.backward()
             step_loss += loss.detach() / world
     except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -711,7 +723,7 @@ def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, wo
             raise
         fail(f"a micro-batch of batch_size={cfg['batch_size']} x block_size={cfg['block_size']} does not fit "
              f"in memory on {device}: lower batch_size and raise gradient_accumulation_steps")
-    if ddp:
+    if world > 1:
         dist.all_reduce(step_loss)
     return step_loss
 
@@ -720,22 +732,24 @@ def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, wo
 
 def train(cfg):
     check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    ddp, rank, world, device = setup_distributed(cfg)
+    distributed, rank, world, device = parallel.setup(cfg)
     master, device_type = rank == 0, device.split(":")[0]
+    fsdp = distributed and cfg["parallel"] == "fsdp"
     ctx = autocast_context(cfg["dtype"], device_type)
     torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
     Batches, make_loss = MODES[cfg["mode"]]
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
-    ckpt = start_checkpoint(cfg)
+    ckpt = start_checkpoint(cfg, fsdp)
     resuming = cfg["init_from"] == "resume"
     checked = dict(ckpt.get("data_checked", {})) if resuming else {}  # token files already scanned
     batches = Batches(data_dir, cfg, checked)
-    raw_model, optimizer, sampler, progress = restore(cfg, ckpt, batches, device)
+    bf16_weights = fsdp and device_type == "cuda" and ctx._enabled  # FSDP's mixed precision on GPUs
+    raw_model, optimizer, sampler, progress = restore(cfg, ckpt, batches, device, fsdp, bf16_weights)
     loss_fn = make_loss(cfg, progress["first_cfg"], device)
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
-    if ddp:
+    if distributed and not fsdp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
 
     warmup = cfg["warmup_iters"] if cfg["warmup_iters"] >= 0 else max(1, cfg["max_iters"] // 100)
@@ -755,7 +769,8 @@ def train(cfg):
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, {world} "
               f"process(es) x {cfg['gradient_accumulation_steps'] // world} micro-batches of {cfg['batch_size']}x"
-              f"{cfg['block_size']}, {'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}")
+              f"{cfg['block_size']}, {'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}"
+              + (", FSDP" if fsdp else ", DDP" if distributed else ""))
 
     last_saved = progress["iter_num"] if resuming else None
 
@@ -763,21 +778,26 @@ def train(cfg):
         """Save the run, unless it has diverged: non-finite weights or val loss are never written."""
         nonlocal last_saved
         bad = ("val loss" if val_loss is not None and not math.isfinite(val_loss)
-               else "weights" if not weights_finite(raw_model) else None)
+               else "weights" if not parallel.all_finite(raw_model.parameters()) else None)
         if bad:
             if master:
                 print(f"iter {iter_num}: not saving a checkpoint: non-finite {bad} ({kept()})")
             return
+        if iter_num == last_saved:  # a resumed run that took no step: its checkpoint is this one
+            return
         last_saved = iter_num
-        if master:
-            rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_checkpoint({"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-                             "config": cfg, "optimizer": optimizer.state_dict(), "iter_num": iter_num,
-                             "best_val_loss": progress["best_val_loss"], "loss_ema": loss_ema, "rng": rng,
-                             "data_state": batches.state(), "tokenizer": tokenizer, "data_meta": batches.meta,
-                             "data_checked": checked, "metrics_bytes": log.file.tell()}, cfg["out_dir"])
+        rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}  # the same on every rank
+        if device_type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {"model_config": asdict(raw_model.config), "config": cfg, "iter_num": iter_num,
+                 "best_val_loss": progress["best_val_loss"], "loss_ema": loss_ema, "rng": rng,
+                 "data_state": batches.state(), "tokenizer": tokenizer, "data_meta": batches.meta,
+                 "data_checked": checked, "metrics_bytes": log.tell()}
+        if fsdp:  # every process writes its shards
+            parallel.save_sharded(state, raw_model, optimizer, cfg["out_dir"], iter_num)
+        elif master:
+            parallel.save_checkpoint({**state, "model": raw_model.state_dict(),
+                                      "optimizer": optimizer.state_dict()}, cfg["out_dir"])
 
     def kept():
         return "this run saved no checkpoint" if last_saved is None else f"the checkpoint of iter {last_saved} is kept"
@@ -808,8 +828,8 @@ def train(cfg):
         lr = get_lr(iter_num, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's matrices: muon_lr at the peak
-        step_loss = train_step(model, batches, loss_fn, sampler, cfg, ctx, device, ddp, rank, world)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
+        step_loss = train_step(model, batches, loss_fn, sampler, cfg, ctx, device, rank, world)
+        norm = parallel.full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf")))
         loss_val, norm_val = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
         spike = cfg["spike_factor"] > 0 and loss_ema is not None and loss_val > cfg["spike_factor"] * loss_ema
         if not math.isfinite(loss_val) or not math.isfinite(norm_val) or spike:  # skip this update
@@ -826,6 +846,9 @@ def train(cfg):
             bad_steps = 0
             optimizer.step()
             loss_ema = loss_val if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_val
+            if iter_num == start_iter and master:
+                print(f"weights, gradients and optimizer state: "
+                      f"{parallel.state_bytes(raw_model, optimizer) / 2**20:.3f} MiB in this process")
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         iters_timed += 1
@@ -841,10 +864,13 @@ def train(cfg):
                   f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""))
             log(record)
 
-    if master and cfg["eval_interval"] <= 0:
+    if cfg["eval_interval"] <= 0:
         checkpoint()
     log.close()
-    if ddp:
+    if fsdp and last_saved is not None and master:
+        print(f"wrote {os.path.join(cfg['out_dir'], 'ckpt.pt')} (iter {parallel.consolidate(cfg['out_dir'])}, "
+              f"consolidated from the shards)")
+    if distributed:
         dist.barrier()  # rank 0 may still be writing the checkpoint: leave together
         dist.destroy_process_group()
 
