@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 
+import pytest
 import torch
 
 import train
@@ -57,6 +58,10 @@ def test_fsdp_equals_ddp_and_one_process(tiny_data):
     # the same global batch summed in other float32 orders (per rank, then reduced): ~1e-7 apart; a
     # wrongly scaled or unsynchronized gradient moves the loss by more than 1e-3 within 4 steps
     assert all(abs(la[i] - lc[i]) <= 1e-5 and abs(lb[i] - lc[i]) <= 1e-5 for i in la)
+    # the norm over all shards, which clipping at 1.0 uses (a shard's own norm would be smaller)
+    na, nc = ({m["iter"]: m["grad_norm"] for m in read_metrics(tiny_data / out) if "grad_norm" in m}
+              for out in ("one", "fsdp"))
+    assert all(nc[i] == pytest.approx(na[i], rel=1e-5) and na[i] > 1.0 for i in na)
     # Adam divides each gradient component by its own RMS, so tiny components differ by ~1e-6
     # (test_train's accumulation test); a wrong update moves weights by ~lr = 3e-3
     a, b, c = (weights(tiny_data, out) for out in ("one", "ddp", "fsdp"))
