@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, RMSNorm, apply_rotary, doc_ids_from_eot, rotary_tables
+from model import (GPT, GPTConfig, RMSNorm, RMSNormFunction, Rotation, apply_rotary, doc_ids_from_eot,
+                   rotary_tables)
 
 
 def tiny(**kw):
@@ -20,6 +21,39 @@ def test_rmsnorm_formula():
     x = torch.randn(3, 5, 8)
     expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     torch.testing.assert_close(norm(x), expected)
+
+
+def test_rmsnorm_gradient_written_out_equals_autograd():
+    """RMSNormFunction's hand-written backward against finite differences (gradcheck, float64) and against
+    autograd through the plain formula; bf16 inputs give bf16 outputs and gradients."""
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x, w))
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    g = torch.randn(3, 5, 8)
+    plain = x32 / torch.sqrt((x32 ** 2).mean(-1, keepdim=True) + 1e-5) * w32
+    expected = torch.autograd.grad(plain, (x32, w32), g)
+    got = torch.autograd.grad(RMSNormFunction.apply(x32, w32, 1e-5), (x32, w32), g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    xb = x32.detach().bfloat16().requires_grad_()
+    y = RMSNormFunction.apply(xb, w32, 1e-5)
+    y.backward(g.bfloat16())
+    assert y.dtype == xb.grad.dtype == torch.bfloat16 and w32.grad.dtype == torch.float32
+
+
+def test_rotation_gradient_is_the_inverse_rotation():
+    """Rotation's backward (rotate the gradient by -angle) against finite differences, and its forward
+    (in-place fused multiply-adds) against the plain formula."""
+    D, T = 8, 6
+    cos, sin = (t.double() for t in rotary_tables(D, T, theta=10000.0))
+    x = torch.randn(2, 3, T, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: Rotation.apply(a, cos, sin), (x,))
+    x1, x2 = x.detach().chunk(2, dim=-1)
+    plain = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    torch.testing.assert_close(Rotation.apply(x.detach(), cos, sin), plain)
+    strided = x.detach().transpose(1, 2).contiguous().transpose(1, 2)  # as the model passes q and k
+    torch.testing.assert_close(Rotation.apply(strided, cos, sin), plain)
 
 
 def test_rotary_matches_complex_rotation_and_is_relative():
@@ -192,3 +226,21 @@ def test_bad_config(kw, message):
 def test_sequence_longer_than_block_size():
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_compiled_model_equals_eager():
+    """torch.compile (train.py's compile=True) through the hand-written RMSNorm and rotation, forward and
+    backward, with a second batch shape (the recompile with dynamic shapes, where Inductor once failed)."""
+    model = tiny().train()
+    compiled = torch.compile(model)
+    for batch in (2, 3):
+        idx = torch.randint(50, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        losses, grads = [], []
+        for m in (model, compiled):
+            model.zero_grad()
+            loss = m(idx, idx)[1]
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(model.blocks[0].attn.c_attn.weight.grad.clone())
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
