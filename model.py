@@ -415,17 +415,39 @@ def chat_reply(model, enc, messages, num_samples=1, max_new_tokens=128, temperat
                top_p=None, generator=None):
     """The model's next assistant message(s) after `messages` in the chat template of tokenizer.py;
     generation stops at <|im_end|>."""
+    return chat_replies(model, enc, [messages], num_samples, max_new_tokens, temperature, top_k, top_p,
+                        generator)[0]
+
+
+def chat_replies(model, enc, conversations, num_samples=1, max_new_tokens=128, temperature=0.0, top_k=None,
+                 top_p=None, generator=None, batch_rows=64):
+    """chat_reply for many conversations at once: those whose prompts have the same number of tokens
+    generate together, up to batch_rows rows at a time. No padding, so a greedy reply in a batch is the
+    reply the conversation gets alone (tests/test_sample.py). Sampled replies depend on the batches."""
     from tokenizer import render_chat
-    ids, _ = render_chat(enc, messages, generation_prompt=True)
+    prompts = [render_chat(enc, messages, generation_prompt=True)[0] for messages in conversations]
     device = next(model.parameters()).device
-    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     end = enc.encode_single_token("<|im_end|>")
-    out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
-    replies = []
-    for row in out[:, min(len(ids), model.config.block_size):].tolist():
-        row = row[:row.index(end)] if end in row else row
-        replies.append(enc.decode([t for t in row if t < enc.n_vocab]))  # not the vocabulary's padding
+    by_length = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    replies = [None] * len(prompts)
+    per_batch = max(1, batch_rows // num_samples)
+    for length, group in sorted(by_length.items()):
+        for start in range(0, len(group), per_batch):
+            batch = group[start:start + per_batch]
+            x = torch.tensor([prompts[i] for i in batch for _ in range(num_samples)], dtype=torch.long, device=device)
+            out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
+            rows = out[:, min(length, model.config.block_size):].tolist()
+            for j, i in enumerate(batch):
+                replies[i] = [decode_reply(enc, row, end) for row in rows[j * num_samples:(j + 1) * num_samples]]
     return replies
+
+
+def decode_reply(enc, row, end):
+    """A generated row's text up to the end token, without the vocabulary's padding ids."""
+    row = row[:row.index(end)] if end in row else row
+    return enc.decode([t for t in row if t < enc.n_vocab])
 
 
 def orthogonalize(G, steps=5):

@@ -127,12 +127,19 @@ def respond(model, enc, prompt, **kw):
     return chat_reply(model, enc, [{"role": "user", "content": prompt}], **kw)
 
 
-def accuracy(model, enc, examples, **kw):
-    """Exact-match accuracy of greedy replies, per task and over all examples."""
+def accuracy(model, enc, examples, temperature=0.0, generator=None):
+    """Exact-match accuracy of the replies, per task and over all examples. Greedy replies are generated
+    in batches (model.chat_replies: the same replies, faster); sampled ones prompt by prompt, so a seed
+    gives the same samples whatever the batching."""
+    from model import chat_replies
     model.eval()
+    if temperature == 0:
+        replies = [r[0] for r in chat_replies(model, enc, [ex["messages"][:1] for ex in examples], max_new_tokens=64)]
+    else:
+        replies = [respond(model, enc, ex["prompt"], max_new_tokens=64, temperature=temperature,
+                           generator=generator)[0] for ex in examples]
     hits = {}
-    for ex in examples:
-        reply = respond(model, enc, ex["prompt"], max_new_tokens=64, **kw)[0]
+    for ex, reply in zip(examples, replies):
         hits.setdefault(ex["task"], []).append(check(ex["answer"], reply))
     result = {task: sum(h) / len(h) for task, h in hits.items()}
     result["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))

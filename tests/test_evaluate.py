@@ -95,3 +95,23 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         evaluate.plot_run(str(tmp_path / "run"))
+
+
+def test_batched_greedy_replies_equal_one_at_a_time():
+    """model.chat_replies groups prompts by token length (no padding): each greedy reply is the one the
+    prompt gets alone, and the replies come back in the prompts' order."""
+    from model import chat_replies, chat_reply
+    model = tiny(block_size=128)
+    with torch.no_grad():  # an untrained model at the usual scale answers newlines to everything
+        for p in model.parameters():
+            p.mul_(20 if p.dim() == 2 else 1)
+    examples = tasks.make_examples(24, "val", 0, ("add", "first_word", "count_words"))
+    conversations = [ex["messages"][:1] for ex in examples]
+    lengths = [len(ENC.encode(ex["prompt"], allowed_special="all")) for ex in examples]
+    assert len(set(lengths)) < len(lengths) - 4  # several prompts share a length: real batches
+    alone = [chat_reply(model, ENC, c, max_new_tokens=12)[0] for c in conversations]
+    batched = [r[0] for r in chat_replies(model, ENC, conversations, max_new_tokens=12, batch_rows=4)]
+    assert batched == alone and len(set(alone)) > 12
+    # and tasks.accuracy, which uses it, scores them as one at a time would
+    hits = [tasks.check(ex["answer"], r) for ex, r in zip(examples, alone)]
+    assert tasks.accuracy(model, ENC, examples)["all"] == sum(hits) / len(hits)
