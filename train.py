@@ -46,6 +46,8 @@ defaults = dict(
     block_size=256,
     gradient_accumulation_steps=1,  # summed over all processes: divided by the number of ranks
     doc_mask=False,             # attend only within each document of a packed window
+    replay=0.0,                 # mode='sft': this fraction of each batch's rows are pretraining windows
+    replay_dataset="",          # ... from this pretraining dataset under data_root (keeps the language model)
     # model: every field of model.GPTConfig is a key (rope_theta, norm_eps, tie_embeddings, ... at
     # GPTConfig's defaults, added below); these differ from its defaults. From the checkpoint instead when
     # init_from is a path.
@@ -290,6 +292,12 @@ class SFTBatches(Batches):
             self.splits[split] = (tokens, mask, offsets)
         check_ids(data_dir, self.meta, checked)
         self.epoch, self.pos, self.order = 0, 0, self._order(0)
+        self.replay, self.replay_fraction = None, cfg["replay"]
+        if self.replay_fraction > 0:
+            self.replay = PretrainBatches(os.path.join(cfg["data_root"], cfg["replay_dataset"]), cfg, checked)
+            if self.replay.meta["vocab_size"] > self.meta["vocab_size"]:
+                fail(f"replay_dataset '{cfg['replay_dataset']}' has vocab_size {self.replay.meta['vocab_size']}, "
+                     f"more than the {self.meta['vocab_size']} of '{data_dir}': not the same tokenizer")
 
     def _order(self, epoch):
         n = len(self.splits["train"][2]) - 1
@@ -307,8 +315,16 @@ class SFTBatches(Batches):
             self.epoch, self.pos, self.order = self.epoch + 1, 0, self._order(self.epoch + 1)
 
     def next_train(self, n, sampler):
-        """The training stream: the next n rows of the epoch's order."""
-        return self._rows("train", n, None)
+        """The training stream: the next rows of the epoch's order; with replay, round(n * replay) of the
+        n rows (at least one row stays SFT's) are instead random pretraining windows, every token a
+        target, drawn by the shared sampler: the mixture that keeps SFT from erasing the language model."""
+        k = min(round(n * self.replay_fraction), n - 1) if self.replay else 0
+        batch = self._rows("train", n - k, None)
+        if k:
+            windows = self.replay.get("train", k, sampler)
+            windows.setdefault("doc_ids", torch.zeros_like(windows["idx"]))  # one document per window
+            batch = {key: torch.cat((batch[key], windows[key])) for key in batch}
+        return batch
 
     def get(self, split, n, generator):
         """n rows of one example each, drawn by the given generator (evaluation; the stream is untouched)."""
@@ -578,7 +594,7 @@ def check_config(cfg, world):
         "beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
         "simpo_gamma": (math.isfinite, "finite"), "orpo_lambda": NON_NEGATIVE,
         "dtype": one_of(*DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
-        "init_from": NOT_EMPTY, "parallel": one_of("ddp", "fsdp"),
+        "init_from": NOT_EMPTY, "parallel": one_of("ddp", "fsdp"), "replay": unit,
     })
     try:
         GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
@@ -589,6 +605,9 @@ def check_config(cfg, world):
              f"the {world} processes")
     if cfg["mode"] == "dpo" and cfg["loss_type"] not in LOSS_TYPES:
         fail(f"loss_type '{cfg['loss_type']}' is not one of {LOSS_TYPES}")
+    if cfg["replay"] > 0 and (cfg["mode"] != "sft" or not cfg["replay_dataset"]):
+        fail(f"replay={cfg['replay']} mixes pretraining windows into SFT: it needs mode='sft' and a "
+             f"replay_dataset (a pretraining dataset under data_root)")
     if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "muon":
         fail("optimizer='muon' orthogonalizes whole matrices, which parallel='fsdp' splits over the processes: "
              "use optimizer='adamw' with FSDP, or parallel='ddp'")

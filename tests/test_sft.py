@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import chat_data
 import train
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, write_pretrain_data
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, render_chat
 
@@ -151,8 +151,7 @@ def test_loss_is_the_mean_over_all_assistant_tokens_of_the_step(tmp_path):
     assert not math.isclose(logged, (sums[0] / 3 + sums[1] / 40) / 2, abs_tol=1e-3)
 
 
-def test_sft_exact_resume(tmp_path):
-    """The epoch cursor of the packed examples is saved, so SFT resumes bit for bit too."""
+def write_task_sft(tmp_path):
     import tasks
     data = tmp_path / "data" / "s"
     data.mkdir(parents=True)
@@ -162,10 +161,36 @@ def test_sft_exact_resume(tmp_path):
         chat_data.write_sft_split(renders, data, split)
     (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
+    write_pretrain_data(tmp_path / "data" / "pre")  # bytes: the same tokenizer, for replay
+
+
+def test_replay_mixes_pretraining_windows_into_sft_batches(tmp_path):
+    write_task_sft(tmp_path)
+    cfg = {**train.defaults, "mode": "sft", "data_root": str(tmp_path / "data"), "block_size": 128,
+           "replay": 0.25, "replay_dataset": "pre"}
+    batches = train.SFTBatches(str(tmp_path / "data" / "s"), cfg, {})
+    batch = batches.next_train(8, torch.Generator().manual_seed(0))
+    assert batch["idx"].shape == batch["targets"].shape == batch["doc_ids"].shape == (8, 128)
+    text = np.fromfile(tmp_path / "data" / "pre" / "train.bin", dtype=np.uint16).tobytes()
+    for row in range(6, 8):  # the last 2 of 8 rows: windows of the pretraining text, every token a target
+        idx, targets = batch["idx"][row], batch["targets"][row]
+        assert (targets[:-1] == idx[1:]).all() and (targets != -100).all() and (batch["doc_ids"][row] == 0).all()
+        assert np.array(idx.tolist(), dtype=np.uint16).tobytes() in text
+    assert (batch["targets"][:6] == -100).float().mean() > 0.3  # SFT rows: only the answers are targets
+    assert batches.state() == {"epoch": 0, "pos": batches.pos} and batches.pos > 0
+    refused = run_script("train.py", "--mode=sft", "--replay=0.2", f"--data_root={tmp_path}/data", "--dataset=s")
+    assert refused.returncode != 0 and "needs mode='sft' and a replay_dataset" in refused.stderr
+
+
+@pytest.mark.parametrize("replay", [[], ["--replay=0.25", "--replay_dataset=pre"]])
+def test_sft_exact_resume(tmp_path, replay):
+    """The epoch cursor of the packed examples is saved, so SFT resumes bit for bit too (and with replay,
+    whose windows the saved sampler draws)."""
+    write_task_sft(tmp_path)
     torch.manual_seed(0)
     save_checkpoint(GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)),
                     tmp_path / "init.pt")
-    args = ["--mode=sft", "--dataset=s", f"--data_root={tmp_path}/data", f"--init_from={tmp_path}/init.pt",
+    args = [*replay, "--mode=sft", "--dataset=s", f"--data_root={tmp_path}/data", f"--init_from={tmp_path}/init.pt",
             "--block_size=128", "--batch_size=4", "--max_iters=8", "--eval_interval=4", "--eval_iters=2",
             "--log_interval=1", "--dtype=float32"]  # 8 steps x 4 rows > 30 examples: crosses an epoch
     for out, extra in (("straight", []), ("split", ["--stop_at_iter=4"]), ("split", ["--init_from=resume"])):
