@@ -33,6 +33,7 @@ defaults = dict(
     tasks=[],                   # task names for exact match ([] = all of tasks.TASKS)
     samples_n=16,               # sampled replies for the diversity figures
     compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
+    compare_png="compare.png",  # --compare also draws the stages side by side here ('' = no chart)
     plot=[],                    # run dirs (or one): draw each metrics.jsonl to RUN/curves.png
     temperature=1.0,            # for the sampled accuracy and the diversity figures
     seed=1337,
@@ -235,6 +236,33 @@ def plot_run(run_dir):
     return out
 
 
+def plot_compare(names, columns, path):
+    """The stages side by side in one PNG: greedy exact match per task and pooled (bars), and val bits per
+    byte of the pretraining text. Returns what it drew: {task or 'all' or 'val_bpb': [value per stage]}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    task_names = [t for t in tasks.TASKS if any(f"exact_{t}" in c for c in columns)]
+    drawn = {t: [c.get(f"exact_{t}", 0.0) for c in columns] for t in task_names + ["all"]}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [4, 1]})
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(drawn))]
+        left.bar(xs, [v[i] for v in drawn.values()], width, label=name)
+    left.set_xticks(range(len(drawn)), [t.replace("_", " ") for t in drawn], rotation=20)
+    left.set(ylabel="exact match, greedy", title="held-out task prompts, per task and pooled", ylim=(0, 1))
+    left.legend()
+    if all(isinstance(c.get("val_bpb"), float) for c in columns):
+        drawn["val_bpb"] = [c["val_bpb"] for c in columns]
+        right.bar(range(len(names)), drawn["val_bpb"], color=[f"C{i}" for i in range(len(names))])
+        right.set_xticks(range(len(names)), [os.path.basename(n.rstrip("/")) for n in names], rotation=20)
+        right.set(title="val bits/byte (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 ROWS = [("val bits/byte (pretraining text)", "val_bpb"), ("multiple choice acc (norm)", "mc_acc_norm"),
         ("task exact match, greedy", "exact_all"), ("task exact match, sampled", "exact_all_sampled"),
         ("reward accuracy, held-out pairs", "rewards/accuracies"), ("distinct-2 of samples", "distinct_2"),
@@ -262,6 +290,12 @@ def main():
     for d, c in zip(cfg["compare"], columns):
         per_task = ", ".join(f"{k[6:]} {v:.2f}" for k, v in c.items() if k.startswith("exact_") and k[6:] in tasks.TASKS)
         print(f"{d}: {per_task}")
+    if cfg["compare_png"]:
+        try:
+            plot_compare(cfg["compare"], columns, cfg["compare_png"])
+            print(f"wrote {cfg['compare_png']}")
+        except ImportError:
+            print("no chart: it needs matplotlib (pip install matplotlib)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,12 @@ def test_batched_greedy_replies_equal_one_at_a_time():
     # and tasks.accuracy, which uses it, scores them as one at a time would
     hits = [tasks.check(ex["answer"], r) for ex, r in zip(examples, alone)]
     assert tasks.accuracy(model, ENC, examples)["all"] == sum(hits) / len(hits)
+
+
+def test_compare_chart_draws_the_table_values(tmp_path):
+    pytest.importorskip("matplotlib")
+    columns = [{"val_bpb": 2.6, "exact_add": 0.0, "exact_count_words": 0.1, "exact_all": 0.05},
+               {"val_bpb": 2.7, "exact_add": 0.5, "exact_count_words": 0.3, "exact_all": 0.4}]
+    drawn = evaluate.plot_compare(["out/tiny", "out/sft_tiny"], columns, str(tmp_path / "c.png"))
+    assert drawn == {"add": [0.0, 0.5], "count_words": [0.1, 0.3], "all": [0.05, 0.4], "val_bpb": [2.6, 2.7]}
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
