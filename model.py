@@ -74,7 +74,7 @@ def residual_projection(n_in, n_out):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 for stability (rms_norm below)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 for stability (RMSNormFunction)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -111,10 +111,6 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.addcmul(gw, x_hat, mean_gwx, value=-1).mul_(r)
         dw = (g * x_hat).sum(dim=tuple(range(g.dim() - 1)))
         return dx.to(g.dtype), dw.to(weight.dtype), None
-
-
-def rms_norm(x, weight, eps):
-    return RMSNormFunction.apply(x, weight, eps)
 
 
 def rotary_tables(head_dim, length, theta):
@@ -423,7 +419,7 @@ def chat_replies(model, enc, conversations, num_samples=1, max_new_tokens=128, t
                  top_p=None, generator=None, batch_rows=64):
     """chat_reply for many conversations at once: those whose prompts have the same number of tokens
     generate together, up to batch_rows rows at a time. No padding, so a greedy reply in a batch is the
-    reply the conversation gets alone (tests/test_sample.py). Sampled replies depend on the batches."""
+    reply the conversation gets alone (tests/test_evaluate.py). Sampled replies depend on the batches."""
     from tokenizer import render_chat
     prompts = [render_chat(enc, messages, generation_prompt=True)[0] for messages in conversations]
     device = next(model.parameters()).device

@@ -796,13 +796,13 @@ def train(cfg):
     def checkpoint(val_loss=None):
         """Save the run, unless it has diverged: non-finite weights or val loss are never written."""
         nonlocal last_saved
+        if iter_num == last_saved:  # a resumed run that took no step: its checkpoint is this one
+            return
         bad = ("val loss" if val_loss is not None and not math.isfinite(val_loss)
                else "weights" if not parallel.all_finite(raw_model.parameters()) else None)
         if bad:
             if master:
                 print(f"iter {iter_num}: not saving a checkpoint: non-finite {bad} ({kept()})")
-            return
-        if iter_num == last_saved:  # a resumed run that took no step: its checkpoint is this one
             return
         last_saved = iter_num
         rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}  # the same on every rank

@@ -44,6 +44,11 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def losses(root, out):
+    """{iteration: training loss} of the run in root/out (skipped steps left out)."""
+    return {m["iter"]: m["loss"] for m in read_metrics(root / out) if "loss" in m and "skipped" not in m}
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     write_pretrain_data(tmp_path / "data" / "tiny")

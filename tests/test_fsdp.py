@@ -9,7 +9,7 @@ import torch
 
 import train
 from configurator import configure
-from conftest import ROOT, TINY, read_metrics, run_script
+from conftest import ROOT, TINY, losses, read_metrics, run_script
 from model import GPT, GPTConfig
 
 ARGS = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2"]
@@ -20,10 +20,6 @@ def run(root, out, *extra, torchrun=0, ok=True):
                    torchrun=torchrun)
     assert (r.returncode == 0) == ok, r.stdout + r.stderr
     return r
-
-
-def losses(root, out):
-    return {m["iter"]: m["loss"] for m in read_metrics(root / out) if "loss" in m}
 
 
 def weights(root, out):

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 import train
-from conftest import TINY, read_metrics, run_script, write_pretrain_data
+from conftest import TINY, losses, read_metrics, run_script, write_pretrain_data
 
 
 def train_run(root, out, *extra, **kw):
     r = run_script("train.py", *TINY, f"--data_root={root}/data", f"--out_dir={root}/{out}", *extra, **kw)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
-
-
-def losses(root, out):
-    return {m["iter"]: m["loss"] for m in read_metrics(root / out) if "loss" in m and "skipped" not in m}
 
 
 def test_lr_schedule_formula():
