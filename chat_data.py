@@ -19,7 +19,6 @@ from collections import Counter
 
 import numpy as np
 
-from configurator import progress
 from tokenizer import check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
 
 
@@ -163,12 +162,14 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     one rejected. A prompt the model always gets right gives no pair."""
     import tasks
     import torch
+    from model import chat_replies
     g = torch.Generator().manual_seed(cfg["seed"])
     pairs = []
     examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
-    for i, ex in enumerate(progress(examples, desc=f"sample {split}", unit=" prompts")):
-        replies = tasks.respond(model, enc, ex["prompt"], num_samples=cfg["samples_per_prompt"],
-                                temperature=cfg["sample_temperature"], max_new_tokens=64, generator=g)
+    print(f"sampling {cfg['samples_per_prompt']} answers to each of {n} {split} prompts", flush=True)
+    answers = chat_replies(model, enc, [ex["messages"][:1] for ex in examples], num_samples=cfg["samples_per_prompt"],
+                           max_new_tokens=64, temperature=cfg["sample_temperature"], generator=g)
+    for i, (ex, replies) in enumerate(zip(examples, answers)):
         good = [r for r in replies if tasks.check(ex["answer"], r)]
         bad = [r for r in replies if not tasks.check(ex["answer"], r)]
         stats[f"{split}_correct_samples"] += len(good)

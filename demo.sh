@@ -3,7 +3,7 @@
 # its BPE), pretrain, build the task instructions, fine-tune, sample on-policy preference pairs, align
 # with DPO, evaluate every stage and ask the final model a question. Ends with the table of what each
 # stage bought. Runs in DEMO_DIR (default: here), writing data/ and out/ there.
-#   bash demo.sh             about 15 minutes on 2 cores
+#   bash demo.sh             about 13 minutes on 2 cores
 #   bash demo.sh --quick     tiny sizes, byte-level tokens, one task: a few minutes (the test suite runs it)
 set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)
@@ -11,7 +11,8 @@ py=${PYTHON:-python}
 if [[ $py == */* ]]; then py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"; fi  # before the cd
 cd "${DEMO_DIR:-$root}"
 step() { printf '\n=== %s\n' "$*"; }
-prep=() pre=() sftdata=() sft=() dpodata=() dpo=() eval=()
+prep=() pre=() sftdata=() sft=() dpodata=() dpo=()
+eval=("--tasks=['first_word', 'last_word', 'count_words', 'next_number', 'source']" --tasks_n=840)
 if [ "${1:-}" = "--quick" ]; then
   prep=(--tokenizer=bytes "--sources={'bible': 'embedded:bible', 'shakespeare': 'embedded:shakespeare'}" --num_workers=2)
   pre=(--n_layer=2 --n_head=4 --n_kv_head=2 --n_embd=96 --block_size=160 --max_iters=60 --eval_interval=60 --learning_rate=3e-3)

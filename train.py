@@ -79,6 +79,7 @@ defaults = dict(
     simpo_gamma=0.5,            # simpo: target reward margin
     orpo_lambda=0.1,            # orpo: weight of the odds-ratio term
     ref_from="",                # reference checkpoint; '' = the run's first init_from
+    rpo_alpha=0.0,              # adds rpo_alpha * the chosen reply's NLL per token (RPO; TRL's rpo_alpha)
     # system
     device="cuda" if torch.cuda.is_available() else "cpu",
     dtype="auto",               # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
@@ -478,6 +479,8 @@ class PreferenceLoss:
                 ref_logps, _ = sequence_logps(self.reference(batch["idx"])[0], batch["targets"])
             ref = ref_logps[:n], ref_logps[n:]
         losses, (r_c, r_r) = preference_loss(self.cfg, logps[:n], logps[n:], lengths[:n], lengths[n:], *ref)
+        if self.cfg["rpo_alpha"]:  # keeps the chosen replies likely: plain DPO lowers both log-probs
+            losses = losses - self.cfg["rpo_alpha"] * logps[:n] / lengths[:n]
         stats = {"rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(),
                  "rewards/accuracies": (r_c > r_r).float().sum(), "rewards/margins": (r_c - r_r).sum(),
                  "logps/chosen": logps[:n].sum(), "logps/rejected": logps[n:].sum()}
@@ -591,7 +594,7 @@ def check_config(cfg, world):
         "warmup_iters": (lambda v: v >= -1, ">= 0, or -1 for 1% of max_iters"),
         "min_lr": (lambda v: v == -1 or 0 <= v <= cfg["learning_rate"], "in [0, learning_rate], or -1 for 10% of it"),
         "grad_clip": (lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"), "spike_factor": NON_NEGATIVE,
-        "beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+        "beta": POSITIVE, "rpo_alpha": NON_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
         "simpo_gamma": (math.isfinite, "finite"), "orpo_lambda": NON_NEGATIVE,
         "dtype": one_of(*DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
         "init_from": NOT_EMPTY, "parallel": one_of("ddp", "fsdp"), "replay": unit,

@@ -1,5 +1,5 @@
 # Preference optimization of the tiny SFT model on data/dpo_demo (python prepare.py config/data/dpo_demo.py).
-#   python train.py config/dpo_tiny.py                       # DPO (sigmoid)
+#   python train.py config/dpo_tiny.py                       # DPO (sigmoid) with the RPO term
 #   python train.py config/dpo_tiny.py --loss_type=ipo --out_dir=out/dpo_tiny_ipo
 mode = "dpo"
 init_from = "out/sft_tiny/ckpt.pt"      # the policy's start and the frozen reference
@@ -7,12 +7,13 @@ out_dir = "out/dpo_tiny"
 dataset = "dpo_demo"
 loss_type = "sigmoid"
 beta = 0.1
+rpo_alpha = 1.0                         # without it both replies' log-probs fall and exact match drops
 block_size = 256
 batch_size = 16
-max_iters = 100
-learning_rate = 1e-4
+max_iters = 150
+learning_rate = 3e-4
 warmup_iters = 5
-eval_interval = 25
-eval_iters = 8
+eval_interval = 50
+eval_iters = 10
 log_interval = 5
 spike_factor = 0.0                      # DPO losses swing widely between batches by design

@@ -24,3 +24,6 @@ def test_quick_demo_runs_every_stage_and_sft_beats_pretraining(tmp_path):
     # replay (config/sft_tiny.py) keeps the language model: bits per byte within 5% of the pretrained one's
     assert stages["sft_tiny"]["val_bpb"] <= 1.05 * stages["tiny"]["val_bpb"]
     assert "reward accuracy, held-out pairs" in r.stdout and "task exact match, greedy" in r.stdout
+    # each stage is tested against the one before on the same prompts, and the greedy hits are kept
+    assert "out/sft_tiny vs out/tiny, greedy exact match on the same 40 prompts" in r.stdout
+    assert len(stages["dpo_tiny"]["exact_hits"]) == 40

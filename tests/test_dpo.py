@@ -84,6 +84,19 @@ def test_step_zero_is_log2_with_zero_rewards():
         assert stats[k].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rpo_term_adds_the_chosen_replies_nll_per_token():
+    """rpo_alpha adds alpha * (the chosen reply's NLL / its tokens) per pair, computed here from the
+    model's own next-token cross-entropy over the chosen rows: at step zero, log 2 + that."""
+    model = tiny_model()
+    batch = pair_batch(PAIRS)
+    loss_fn = train.PreferenceLoss({**CFG, "loss_type": "sigmoid", "rpo_alpha": 0.5}, copy.deepcopy(model).eval())
+    loss, _ = loss_fn(model, batch)
+    with torch.no_grad():
+        logits = model(batch["idx"][:3])[0]
+    nll = [torch.nn.functional.cross_entropy(logits[i], batch["targets"][i], ignore_index=-100).item() for i in range(3)]
+    assert loss.item() == pytest.approx(3 * math.log(2) + 0.5 * sum(nll), rel=1e-5)
+
+
 def test_reference_is_frozen():
     model, ref = tiny_model(), tiny_model().eval().requires_grad_(False)
     before = {k: v.clone() for k, v in ref.state_dict().items()}

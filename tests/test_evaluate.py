@@ -113,8 +113,9 @@ def test_batched_greedy_replies_equal_one_at_a_time():
     batched = [r[0] for r in chat_replies(model, ENC, conversations, max_new_tokens=12, batch_rows=4)]
     assert batched == alone and len(set(alone)) > 12
     # and tasks.accuracy, which uses it, scores them as one at a time would
-    hits = [tasks.check(ex["answer"], r) for ex, r in zip(examples, alone)]
-    assert tasks.accuracy(model, ENC, examples)["all"] == sum(hits) / len(hits)
+    hits = [int(tasks.check(ex["answer"], r)) for ex, r in zip(examples, alone)]
+    result = tasks.accuracy(model, ENC, examples)
+    assert result["hits"] == hits and result["all"] == sum(hits) / len(hits)
 
 
 def test_compare_chart_draws_the_table_values(tmp_path):
@@ -124,3 +125,20 @@ def test_compare_chart_draws_the_table_values(tmp_path):
     drawn = evaluate.plot_compare(["out/tiny", "out/sft_tiny"], columns, str(tmp_path / "c.png"))
     assert drawn == {"add": [0.0, 0.5], "count_words": [0.1, 0.3], "all": [0.05, 0.4], "val_bpb": [2.6, 2.7]}
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_difference_against_closed_forms():
+    """McNemar's exact p-value: 5 prompts gained and none lost is 2 * 0.5**5; a balanced split is 1.
+    The paired-bootstrap interval brackets the difference with the normal width 2 * 1.96 * sd / sqrt(n)."""
+    r = evaluate.paired_difference([0] * 5 + [1] * 5 + [0] * 10, [1] * 5 + [1] * 5 + [0] * 10)
+    assert (r["gained"], r["lost"], r["diff"], r["p_mcnemar"]) == (5, 0, 0.25, 2 * 0.5 ** 5)
+    assert evaluate.paired_difference([1, 0, 1, 0], [0, 1, 0, 1])["p_mcnemar"] == 1.0
+    assert evaluate.paired_difference([1, 0, 1], [1, 0, 1])["ci95"] == (0.0, 0.0)
+    rng = np.random.default_rng(0)
+    before = rng.random(800) < 0.3
+    after = np.where(rng.random(800) < 0.2, ~before, before)
+    r = evaluate.paired_difference(before.astype(int), after.astype(int))
+    d = after.astype(float) - before
+    lo, hi = r["ci95"]
+    assert lo < r["diff"] < hi and r["diff"] == pytest.approx(d.mean())
+    assert hi - lo == pytest.approx(2 * 1.96 * d.std() / math.sqrt(len(d)), rel=0.1)

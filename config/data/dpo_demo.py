@@ -4,8 +4,9 @@
 kind = "dpo"
 out_dir = "data/dpo_demo"
 sources = {"tasks": "embedded:tasks"}
+tasks = ["first_word", "last_word", "count_words", "next_number", "source"]
 from_ckpt = "out/sft_tiny"
-pair_prompts = 600
+pair_prompts = 2000
 samples_per_prompt = 4
 sample_temperature = 1.0
 block_size = 256
