@@ -31,6 +31,7 @@ defaults = dict(
     mc_n=200,                   # multiple-choice items when generated
     tasks_n=140,                # held-out task prompts for exact match (split evenly over the tasks)
     tasks=[],                   # task names for exact match ([] = all of tasks.TASKS)
+    tasks_split="val",          # 'val', or 'dev' while choosing settings, so the val figures are not tuned on
     samples_n=16,               # sampled replies for the diversity figures
     compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
     compare_png="compare.png",  # --compare also draws the stages side by side here ('' = no chart)
@@ -168,8 +169,8 @@ def evaluate(cfg):
             items = read_choices(cfg["mc_file"]) if cfg["mc_file"] else tasks.choice_examples(cfg["mc_n"], "val", cfg["seed"])
             results.update(multiple_choice(model, enc, items, device))
         if cfg["tasks_n"]:
-            say(f"exact match on {cfg['tasks_n']} held-out task prompts, greedy and sampled")
-            held_out = tasks.make_examples(cfg["tasks_n"], "val", cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
+            say(f"exact match on {cfg['tasks_n']} held-out ({cfg['tasks_split']}) task prompts, greedy and sampled")
+            held_out = tasks.make_examples(cfg["tasks_n"], cfg["tasks_split"], cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
             greedy = tasks.accuracy(model, enc, held_out)
             sampled = tasks.accuracy(model, enc, held_out, temperature=cfg["temperature"], generator=g)
             results["exact_hits"] = "".join(map(str, greedy.pop("hits")))  # per prompt, for paired tests
@@ -290,7 +291,7 @@ def main():
     cfg = configure(defaults)
     require(cfg, {"max_tokens": NON_NEGATIVE, "mc_n": NON_NEGATIVE, "tasks_n": NON_NEGATIVE,
                   "samples_n": NON_NEGATIVE, "temperature": NON_NEGATIVE, "tasks": tasks.NAMES_RULE,
-                  "dtype": one_of(*DTYPES)})
+                  "tasks_split": one_of("val", "dev"), "dtype": one_of(*DTYPES)})
     if cfg["plot"]:
         for run in cfg["plot"]:
             print(f"wrote {plot_run(run)}")

