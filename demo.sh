@@ -19,7 +19,7 @@ if [ "${1:-}" = "--quick" ]; then
   sftdata=("--tasks=['count_words']" --task_examples=2000 --block_size=160)
   sft=(--block_size=160 --max_iters=150 --eval_interval=150 --learning_rate=1e-3)
   dpodata=("--tasks=['count_words']" --pair_prompts=40 --samples_per_prompt=2 --block_size=160)
-  dpo=(--block_size=160 --max_iters=10 --eval_interval=10 --batch_size=8 --learning_rate=3e-4)
+  dpo=(--block_size=160 --max_iters=10 --eval_interval=10 --batch_size=8)
   eval=("--tasks=['count_words']" --tasks_n=40 --mc_n=10 --samples_n=2 --max_tokens=5000)
 fi
 step "1/7 prepare: clean, filter, deduplicate, mix, train the tokenizer, tokenize"
