@@ -3,7 +3,7 @@
 # its BPE), pretrain, build the task instructions, fine-tune, sample on-policy preference pairs, align
 # with DPO, evaluate every stage and ask the final model a question. Ends with the table of what each
 # stage bought. Runs in DEMO_DIR (default: here), writing data/ and out/ there.
-#   bash demo.sh             about 13 minutes on 2 cores
+#   bash demo.sh             about 15 minutes on 2 cores
 #   bash demo.sh --quick     tiny sizes, byte-level tokens, one task: a few minutes (the test suite runs it)
 set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)

@@ -155,7 +155,7 @@ def write_task_sft(tmp_path):
     import tasks
     data = tmp_path / "data" / "s"
     data.mkdir(parents=True)
-    examples = tasks.make_examples(30, "train", seed=0, tasks=("add", "count_words"))
+    examples = tasks.make_examples(24, "train", seed=0, tasks=("add", "count_words"))
     renders = [render_chat(ENC, ex["messages"]) for ex in examples]
     for split in ("train", "val"):
         chat_data.write_sft_split(renders, data, split)
@@ -192,7 +192,7 @@ def test_sft_exact_resume(tmp_path, replay):
                     tmp_path / "init.pt")
     args = [*replay, "--mode=sft", "--dataset=s", f"--data_root={tmp_path}/data", f"--init_from={tmp_path}/init.pt",
             "--block_size=128", "--batch_size=4", "--max_iters=8", "--eval_interval=4", "--eval_iters=2",
-            "--log_interval=1", "--dtype=float32"]  # 8 steps x 4 rows > 30 examples: crosses an epoch
+            "--log_interval=1", "--dtype=float32"]  # 8 steps x 3+ rows x 1+ of 24 examples: a new epoch
     for out, extra in (("straight", []), ("split", ["--stop_at_iter=4"]), ("split", ["--init_from=resume"])):
         r = run_script("train.py", *args, f"--out_dir={tmp_path}/{out}", *extra)
         assert r.returncode == 0, r.stderr
