@@ -300,7 +300,8 @@ def main():
         return
     if not cfg["compare"]:
         for k, v in evaluate(cfg).items():
-            print(f"{k:<28}{v:.4f}" if isinstance(v, float) else f"{k:<28}{v}")
+            if k != "exact_hits":  # one digit per prompt: eval.json keeps them
+                print(f"{k:<28}{v:.4f}" if isinstance(v, float) else f"{k:<28}{v}")
         return
     columns = [{**evaluate({**cfg, "out_dir": d}), **final_val_metrics(d)} for d in cfg["compare"]]
     print("\n" + f"{'':<34}" + "".join(f"{d:>16}" for d in cfg["compare"]))

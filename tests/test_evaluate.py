@@ -69,7 +69,7 @@ def test_evaluate_writes_json_and_rejects_bad_files(tmp_path):
     results = evaluate.evaluate(cfg)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == results and saved["exact_all"] == 0.0 and 0 <= saved["distinct_1"] <= 1
-    assert {"mc_acc", "exact_all_sampled", "entropy"} <= set(saved)
+    assert {"mc_acc", "exact_all_sampled", "entropy"} <= set(saved) and saved["exact_hits"] == "0" * 7
     (tmp_path / "mc.jsonl").write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
     with pytest.raises(SystemExit, match="mc.jsonl:1"):
         evaluate.evaluate({**cfg, "mc_file": str(tmp_path / "mc.jsonl")})
