@@ -196,8 +196,7 @@ def paired_difference(before, after, resamples=10_000, seed=0):
     discordant prompts split gained:lost as by a fair coin, i.e. no real difference?"""
     a, b = np.asarray(before, dtype=np.int8), np.asarray(after, dtype=np.int8)
     rng = np.random.default_rng(seed)
-    resampled = rng.integers(0, len(a), (resamples, len(a)))  # a row of prompt indices per resample
-    diffs = np.concatenate([(b[i] - a[i]).mean(1) for i in np.array_split(resampled, 10)])
+    diffs = (b - a)[rng.integers(0, len(a), (resamples, len(a)))].mean(1)  # a row of prompts per resample
     gained, lost = int(((b == 1) & (a == 0)).sum()), int(((a == 1) & (b == 0)).sum())
     n, k = gained + lost, min(gained, lost)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
@@ -311,7 +310,8 @@ def main():
     for d, c in zip(cfg["compare"], columns):
         per_task = ", ".join(f"{k[6:]} {v:.2f}" for k, v in c.items() if k.startswith("exact_") and k[6:] in tasks.TASKS)
         print(f"{d}: {per_task}")
-    for (d0, c0), (d1, c1) in zip(zip(cfg["compare"], columns), zip(cfg["compare"][1:], columns[1:])):
+    stages = list(zip(cfg["compare"], columns))
+    for (d0, c0), (d1, c1) in zip(stages, stages[1:]):
         if c0.get("exact_hits") and len(c0["exact_hits"]) == len(c1.get("exact_hits", "")):
             r = paired_difference(list(map(int, c0["exact_hits"])), list(map(int, c1["exact_hits"])))
             lo, hi = r["ci95"]

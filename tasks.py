@@ -115,11 +115,8 @@ def count_words(rng, split):
 
 
 def source(rng, split):
-    if rng.random() < 0.5:
-        _, text, answer = *_pick(verses(), split, rng), "the Bible"
-    else:
-        _, text, answer = *_pick(play_lines(), split, rng), "Shakespeare"
-    return f"Is this from the Bible or from Shakespeare?\n{text}", answer
+    items, answer = (verses, "the Bible") if rng.random() < 0.5 else (play_lines, "Shakespeare")
+    return f"Is this from the Bible or from Shakespeare?\n{_pick(items(), split, rng)[1]}", answer
 
 
 def bible_book(rng, split):
