@@ -157,27 +157,36 @@ def read_records(path, replaced=None):
 
 
 def on_policy_pairs(cfg, model, enc, split, n, stats):
-    """Preference pairs on the tasks' prompts: samples_per_prompt answers from the model, judged by the
-    task's checker; a correct answer is chosen (the reference answer if none was) and an incorrect
-    one rejected. A prompt the model always gets right gives no pair."""
+    """Preference pairs on the tasks' prompts, judged by each task's checker: the model's greedy answer
+    first, then samples_per_prompt sampled ones; the first correct answer is chosen and the first
+    incorrect one rejected. So a wrong greedy answer, the one greedy evaluation scores, is always the
+    rejected reply. A prompt the model always gets right gives no pair; one it never gets right gives
+    the reference answer as chosen, or no pair with reference_chosen=False (then both replies of every
+    pair are the model's own)."""
     import tasks
     import torch
     from model import chat_replies
     g = torch.Generator().manual_seed(cfg["seed"])
     pairs = []
     examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
-    print(f"sampling {cfg['samples_per_prompt']} answers to each of {n} {split} prompts", flush=True)
-    answers = chat_replies(model, enc, [ex["messages"][:1] for ex in examples], num_samples=cfg["samples_per_prompt"],
-                           max_new_tokens=64, temperature=cfg["sample_temperature"], generator=g)
-    for i, (ex, replies) in enumerate(zip(examples, answers)):
+    prompts = [ex["messages"][:1] for ex in examples]
+    print(f"greedy and {cfg['samples_per_prompt']} sampled answers to each of {n} {split} prompts", flush=True)
+    greedy = chat_replies(model, enc, prompts, max_new_tokens=64)
+    sampled = chat_replies(model, enc, prompts, num_samples=cfg["samples_per_prompt"], max_new_tokens=64,
+                           temperature=cfg["sample_temperature"], generator=g)
+    for i, (ex, replies) in enumerate(zip(examples, map(list.__add__, greedy, sampled))):
         good = [r for r in replies if tasks.check(ex["answer"], r)]
         bad = [r for r in replies if not tasks.check(ex["answer"], r)]
-        stats[f"{split}_correct_samples"] += len(good)
+        stats[f"{split}_correct_greedy"] += replies[0] in good
+        stats[f"{split}_correct_samples"] += len(good) - (replies[0] in good)
         if not bad:
             stats[f"{split}_all_correct"] += 1
             continue
+        if not good and not cfg["reference_chosen"]:
+            stats[f"{split}_no_correct_answer"] += 1
+            continue
         stats[f"{split}_reference_chosen"] += not good
-        pairs.append((f"tasks:{split}:{i}", (ex["messages"][:1], good[0] if good else ex["answer"], bad[0])))
+        pairs.append((f"tasks:{split}:{i}", (prompts[i], good[0] if good else ex["answer"], bad[0])))
     return pairs
 
 

@@ -96,8 +96,9 @@ defaults = dict(
     # the tasks' checkers (a correct one is chosen, an incorrect one rejected)
     from_ckpt="",
     pair_prompts=1000,          # dpo from embedded:tasks: train prompts; val gets a tenth, held out
-    samples_per_prompt=4,
+    samples_per_prompt=4,       # sampled answers per prompt, after the greedy one
     sample_temperature=1.0,
+    reference_chosen=True,      # a prompt with no correct answer: the reference is chosen (False: no pair)
     convert="",                 # a file of Alpaca/ShareGPT records to rewrite as messages JSONL ...
     convert_out="",             # ... into this file, then exit
     # --download=NAME: fetch parquet shards over HTTPS, then exit. NAME is a preset (see PRESETS) or a

@@ -1,3 +1,4 @@
+import collections
 import copy
 import json
 import math
@@ -178,3 +179,37 @@ def test_preference_records_and_bad_input(tmp_path):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n|4<|im_end|>|5<|im_end|>"}
     with pytest.raises(ValueError, match="does not end with a user turn"):
         chat_data.to_pair({"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"})
+
+
+@pytest.mark.parametrize("reference_chosen", [True, False])
+def test_on_policy_pairs_reject_a_wrong_greedy_answer(monkeypatch, reference_chosen):
+    """The greedy answer is judged first: where it is wrong it is the rejected reply; where it is right
+    (here: every third prompt's reference is made to be the model's greedy answer) it is chosen. A prompt
+    with no correct answer gets the reference as chosen, or no pair with reference_chosen=False."""
+    import tasks
+    from model import chat_replies
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)).eval()
+    with torch.no_grad():  # sharper logits: varied greedy answers, and samples that differ from them
+        for p in model.parameters():
+            p.mul_(20 if p.dim() == 2 else 1)
+    examples = tasks.make_examples(12, "train", 0, ("count_words",))
+    greedy = [r[0] for r in chat_replies(model, ENC, [ex["messages"][:1] for ex in examples], max_new_tokens=64)]
+    for i, ex in enumerate(examples[::3]):
+        ex["answer"] = greedy[3 * i]
+    monkeypatch.setattr(tasks, "make_examples", lambda *a, **k: copy.deepcopy(examples))
+    cfg = {"seed": 0, "tasks": ["count_words"], "samples_per_prompt": 2, "sample_temperature": 1.0,
+           "reference_chosen": reference_chosen}
+    stats = collections.Counter()
+    pairs = dict(chat_data.on_policy_pairs(cfg, model, ENC, "train", 12, stats))
+    assert stats["train_correct_greedy"] == 4 and len(set(greedy)) > 6
+    for i, ex in enumerate(examples):
+        pair = pairs.get(f"tasks:train:{i}")
+        if i % 3 == 0:  # right when greedy: chosen, unless every sample was right too (no pair)
+            assert pair is None or pair[1] == greedy[i] != pair[2]
+        elif reference_chosen:
+            assert pair == (ex["messages"][:1], ex["answer"], greedy[i])
+        else:
+            assert pair is None
+    assert len(pairs) == stats["train_reference_chosen"] + 4 - stats["train_all_correct"]
+    assert stats["train_no_correct_answer"] == (0 if reference_chosen else 8)
