@@ -174,11 +174,13 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     greedy = chat_replies(model, enc, prompts, max_new_tokens=64)
     sampled = chat_replies(model, enc, prompts, num_samples=cfg["samples_per_prompt"], max_new_tokens=64,
                            temperature=cfg["sample_temperature"], generator=g)
-    for i, (ex, replies) in enumerate(zip(examples, map(list.__add__, greedy, sampled))):
-        good = [r for r in replies if tasks.check(ex["answer"], r)]
-        bad = [r for r in replies if not tasks.check(ex["answer"], r)]
-        stats[f"{split}_correct_greedy"] += replies[0] in good
-        stats[f"{split}_correct_samples"] += len(good) - (replies[0] in good)
+    for i, (ex, first, samples) in enumerate(zip(examples, greedy, sampled)):
+        replies = first + samples  # the greedy answer first
+        right = [tasks.check(ex["answer"], r) for r in replies]
+        good = [r for r, ok in zip(replies, right) if ok]
+        bad = [r for r, ok in zip(replies, right) if not ok]
+        stats[f"{split}_correct_greedy"] += right[0]
+        stats[f"{split}_correct_samples"] += sum(right[1:])
         if not bad:
             stats[f"{split}_all_correct"] += 1
             continue
