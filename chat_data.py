@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from tokenizer import check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
+from tokenizer import chat_replies, check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -113,21 +113,6 @@ def to_pair(record):
     return msgs, replies[0], replies[1]
 
 
-def from_messages(msgs, fmt):
-    """The inverse of to_messages for 'sharegpt', and for 'alpaca' where a record can hold the
-    conversation (one user and one assistant turn, an optional system prompt; the input field is
-    folded into the instruction, so it comes back empty)."""
-    if fmt == "sharegpt":
-        names = {"user": "human", "assistant": "gpt", "system": "system"}
-        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}
-    system = [m["content"] for m in msgs if m["role"] == "system"]
-    turns = [m for m in msgs if m["role"] != "system"]
-    if len(turns) != 2 or len(system) > 1:
-        raise ValueError("Alpaca holds one instruction and one output")
-    return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"],
-            **({"system": system[0]} if system else {})}
-
-
 def read_records(path, replaced=None):
     """(location, record) from a JSON array file ('file[i]') or a JSONL file ('file:line'). Lines split
     on '\n' only: U+2028 and friends are legal inside JSON strings. A UTF-8 BOM is dropped; bytes that
@@ -165,7 +150,6 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     pair are the model's own)."""
     import tasks
     import torch
-    from model import chat_replies
     g = torch.Generator().manual_seed(cfg["seed"])
     pairs = []
     examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))
@@ -265,10 +249,10 @@ def render_all(items, render, cfg, skipped):
 
 def load_policy(path):
     """The model of a checkpoint, to sample from (eval mode, CPU)."""
-    from model import GPT
+    import checkpoint
     try:
-        return GPT.load(path)[0]
-    except (FileNotFoundError, ValueError) as e:
+        return checkpoint.load_model(path)[0]
+    except ValueError as e:
         sys.exit(f"from_ckpt: {e} (on-policy pairs sample from an SFT model)")
 
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 import tasks
 from configurator import NON_NEGATIVE, configure, one_of, require
-from model import DTYPES, autocast_context, load_checkpoint
-from tokenizer import render_chat
+import checkpoint
+from parallel import DTYPES, autocast_context
+from tokenizer import chat_replies, render_chat
 
 defaults = dict(
     out_dir="out",              # the checkpoint's directory (eval.json is written there)
@@ -122,7 +123,8 @@ def diversity(model, enc, prompts, temperature, generator):
     grams = {1: [], 2: []}
     entropies = []
     for p in prompts:
-        reply = tasks.respond(model, enc, p, temperature=temperature, max_new_tokens=48, generator=generator)[0]
+        reply = chat_replies(model, enc, [[{"role": "user", "content": p}]], temperature=temperature,
+                             max_new_tokens=48, generator=generator)[0][0]
         ids = enc.encode_ordinary(reply)
         for n in grams:
             grams[n] += [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
@@ -150,7 +152,10 @@ class Progress:
 def evaluate(cfg):
     device = cfg["device"]
     say = Progress(cfg["out_dir"])
-    model, enc, ckpt = load_checkpoint(cfg["out_dir"], device)
+    try:
+        model, enc, ckpt = checkpoint.load_model(cfg["out_dir"], device)
+    except ValueError as e:
+        sys.exit(str(e))
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     results, t0 = {"checkpoint": cfg["out_dir"], "mode": ckpt.get("config", {}).get("mode")}, time.time()

@@ -32,9 +32,10 @@ from dataclasses import asdict
 
 import torch
 
+import checkpoint
 from configurator import configure
 from model import GPT, GPTConfig
-from tokenizer import SPECIAL_TOKENS, load_tokenizer
+from tokenizer import SPECIAL_TOKENS
 
 defaults = {
     "ckpt": "",          # export: the run directory (or .pt file) to export
@@ -353,13 +354,12 @@ def add_chat_tokens(spec, sd, c):
 def export(cfg):
     check_target(cfg["out"], cfg["overwrite"])  # before the work, not after it
     try:
-        model, ckpt = GPT.load(cfg["ckpt"])
-    except (FileNotFoundError, ValueError) as e:
+        model, enc, ckpt = checkpoint.load_model(cfg["ckpt"])
+    except ValueError as e:
         sys.exit(str(e))
     if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
         sys.exit(f"dtype '{cfg['dtype']}' is not one of float32, bfloat16, float16")
     dtype = getattr(torch, cfg["dtype"])
-    enc = load_tokenizer(ckpt["tokenizer"])
     special = special_ids(enc, model.config.vocab_size)
     stops = [special[s] for s in ("<|endoftext|>", "<|im_end|>") if s in special]
     files = {
@@ -459,10 +459,8 @@ def import_hf(cfg):
         model.load_state_dict(sd)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"cannot import '{where}': {type(e).__name__}: {e}")
-    os.makedirs(cfg["out"], exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": asdict(c), "tokenizer": spec,
-                "config": {"mode": "import", "import": hf_dir}}, ckpt_path + ".tmp")
-    os.replace(ckpt_path + ".tmp", ckpt_path)
+    checkpoint.save({"model": model.state_dict(), "model_config": asdict(c), "tokenizer": spec,
+                     "config": {"mode": "import", "import": hf_dir}}, cfg["out"])
     print(f"imported {hf_dir} ({model.num_params() / 1e6:.2f}M parameters, vocabulary {spec['vocab_size']}) "
           f"to {ckpt_path}")
 

@@ -1,5 +1,5 @@
 """
-How train.py spreads one run over the processes that torchrun starts, and how its checkpoints are written.
+Where train.py computes: the device and its precision, and the processes that torchrun starts.
 
   parallel='ddp'   DistributedDataParallel: every process holds the whole model, its gradients and the
                    AdamW moments, 16 bytes per parameter in float32 (4 + 4 + 8); gradients are all-reduced
@@ -10,29 +10,34 @@ How train.py spreads one run over the processes that torchrun starts, and how it
                    so each process updates its own shard. More communication, for a model whose training
                    state does not fit on one device.
 
-A sharded run saves out_dir/shards/iter_NNNNNN/ with torch.distributed.checkpoint (each process writes its own
-shards, rank 0 the run's state in state.pt) and commits it by replacing out_dir/shards/latest; any number of
-processes can load it. At the end of the run, and on request, it is consolidated into out_dir/ckpt.pt: the
-one file that sample.py, evaluate.py and export.py read and that a one-process or DDP run resumes from.
-
-    python parallel.py out/pretrain_1b      # out/pretrain_1b/shards/latest -> out/pretrain_1b/ckpt.pt
+How a sharded run's checkpoints are written and read is checkpoint.py.
 """
 import datetime
 import os
-import shutil
-import sys
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig
+from model import GPT
+
+DTYPES = ("auto", "bfloat16", "float32")  # the values of the scripts' dtype key
+
+
+def autocast_context(dtype, device_type):
+    """torch.autocast for dtype 'bfloat16', 'float32' (autocast off) or 'auto': bfloat16 on CUDA GPUs that
+    support it and on CPUs with native bf16 instructions (AVX512-BF16/AMX); float32 elsewhere, where bf16
+    is emulated and slower than float32 (10x on an AVX2-only CPU)."""
+    if dtype == "auto":
+        fast = (torch.cuda.is_bf16_supported() if device_type == "cuda"
+                else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        dtype = "bfloat16" if fast else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype '{dtype}' is not supported: use 'auto', 'bfloat16' or 'float32'")
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def setup(cfg):
@@ -63,8 +68,17 @@ def shard_model(config, device, bf16):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(normal_=draw_whole)
     return model
+
+
+def draw_whole(weight, mean, std):
+    """weight <- N(mean, std) for a weight that may be sharded: the whole tensor is drawn on the CPU, as
+    one process draws it, and each process keeps its own part of it."""
+    whole = torch.empty(weight.shape).normal_(mean, std).to(weight.device)
+    if isinstance(weight, DTensor):
+        whole = distribute_tensor(whole, weight.device_mesh, weight.placements, src_data_rank=None)
+    weight.copy_(whole)
 
 
 def set_gradient_sync(model, on):
@@ -81,12 +95,12 @@ def load_full_weights(model, state_dict):
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
 
 
-def local(t):
+def local_part(t):
     """This process's part of a tensor: a DTensor's shard, else the tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def full(t):
+def whole_value(t):
     """A DTensor's whole value (a collective: every process must call it), else the tensor itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -94,7 +108,7 @@ def full(t):
 def all_finite(tensors):
     """Whether every element is finite on every process (the shards of a DTensor differ per process)."""
     tensors = list(tensors)
-    ok = torch.stack([local(t).isfinite().all() for t in tensors]).all().float()
+    ok = torch.stack([local_part(t).isfinite().all() for t in tensors]).all().float()
     if dist.is_initialized() and any(isinstance(t, DTensor) for t in tensors):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
@@ -104,104 +118,4 @@ def state_bytes(model, optimizer):
     """Bytes this process holds of weights, gradients and optimizer state (a tied weight counted once)."""
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
     tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return sum(local(t).nbytes for t in tensors)
-
-
-def save_checkpoint(state, out_dir):
-    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ckpt.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-# ----------------------------------------------------------------------------- sharded checkpoints
-
-
-def latest_shards(out_dir):
-    """The folder of out_dir's newest complete sharded checkpoint, or None."""
-    root = os.path.join(out_dir, "shards")
-    try:
-        with open(os.path.join(root, "latest")) as f:
-            return os.path.join(root, f.read().strip())
-    except FileNotFoundError:
-        return None
-
-
-def read_state(folder):
-    """The run's state (everything but weights and optimizer state) of a sharded checkpoint."""
-    path = os.path.join(folder, "state.pt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"sharded checkpoint '{folder}' cannot be read ({path}: {type(e).__name__}: {e})") from e
-
-
-def save_sharded(state, model, optimizer, out_dir, iter_num):
-    """Every process writes its shards of the weights and optimizer state into shards/iter_N/ and rank 0
-    the run's state; once all are on disk, rank 0 commits the folder by replacing shards/latest (an atomic
-    rename) and deletes the others. A crash mid-save leaves the previous checkpoint in force."""
-    root = os.path.join(out_dir, "shards")
-    committed = latest_shards(out_dir)
-    name = f"iter_{iter_num:06d}"
-    if committed and os.path.basename(committed) == name:  # never write into the committed folder
-        name += "_again"
-    folder = os.path.join(root, name)
-    master = dist.get_rank() == 0
-    if master:
-        shutil.rmtree(folder, ignore_errors=True)  # what a crashed save left
-        os.makedirs(folder)
-    dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    if master:
-        torch.save(state, os.path.join(folder, "state.pt"))
-    dist.barrier()
-    if master:
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        for other in os.listdir(root):
-            if other.startswith("iter_") and other != name:
-                shutil.rmtree(os.path.join(root, other))
-
-
-def load_sharded(folder, model, optimizer, no_dist=False):
-    """Weights and optimizer state from a sharded checkpoint into a model and optimizer that may be split
-    over another number of processes, or not split at all (no_dist: this process alone reads it all)."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def consolidate(out_dir):
-    """out_dir/ckpt.pt, the single-file checkpoint with optimizer state, from out_dir's newest sharded one;
-    in this process alone, which needs the memory of the whole model and its AdamW state (16 bytes per
-    parameter). Returns the iteration it holds."""
-    folder = latest_shards(out_dir)
-    if folder is None:
-        raise ValueError(f"'{out_dir}' holds no sharded checkpoint ({os.path.join(out_dir, 'shards', 'latest')} "
-                         f"not found)")
-    state = read_state(folder)
-    cfg = state["config"]
-    model = GPT(GPTConfig(**state["model_config"]))
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           "cpu")
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            load_sharded(folder, model, optimizer, no_dist=True)
-    except Exception as e:  # a shard missing or truncated
-        raise ValueError(f"sharded checkpoint '{folder}' cannot be loaded: {type(e).__name__}: {e}") from e
-    save_checkpoint({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, out_dir)
-    return state["iter_num"]
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python parallel.py OUT_DIR    (writes OUT_DIR/ckpt.pt from OUT_DIR/shards/latest)")
-    try:
-        it = consolidate(sys.argv[1])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {os.path.join(sys.argv[1], 'ckpt.pt')} (iter {it})")
+    return sum(local_part(t).nbytes for t in tensors)

@@ -12,8 +12,9 @@ import time
 import torch
 
 from configurator import AT_LEAST_1, NON_NEGATIVE, configure, one_of, require
-from model import DTYPES, autocast_context, chat_reply, load_checkpoint
-from tokenizer import eot_token
+import checkpoint
+from parallel import DTYPES, autocast_context
+from tokenizer import chat_replies, eot_token
 
 defaults = dict(
     out_dir="out",          # directory holding ckpt.pt (or the path of a .pt file)
@@ -49,8 +50,8 @@ def chat(model, enc, cfg, ctx):
         messages.append({"role": "user", "content": user})
         t0 = time.perf_counter()
         with ctx:
-            reply = chat_reply(model, enc, messages, max_new_tokens=cfg["max_new_tokens"],
-                               temperature=cfg["temperature"], top_k=cfg["top_k"] or None, top_p=cfg["top_p"])[0]
+            reply = chat_replies(model, enc, [messages], max_new_tokens=cfg["max_new_tokens"],
+                                 temperature=cfg["temperature"], top_k=cfg["top_k"] or None, top_p=cfg["top_p"])[0][0]
         n = len(enc.encode(reply, allowed_special="all")) + 1
         print(reply if cfg["prompt"] else f"model> {reply}")
         print(f"({n} tokens, {n / (time.perf_counter() - t0):.1f} tokens/s)", file=sys.stderr)
@@ -73,7 +74,10 @@ def main():
             sys.exit(f"start='{cfg['start']}': {e.strerror}")
     torch.manual_seed(cfg["seed"])
     device = cfg["device"]
-    model, enc, _ = load_checkpoint(cfg["out_dir"], device)
+    try:
+        model, enc, _ = checkpoint.load_model(cfg["out_dir"], device)
+    except ValueError as e:
+        sys.exit(str(e))
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     if cfg["chat"] or cfg["prompt"]:
         return chat(model, enc, cfg, ctx)

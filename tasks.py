@@ -167,18 +167,12 @@ def make_examples(n, split, seed, tasks=tuple(TASKS)):
     return out
 
 
-def respond(model, enc, prompt, **kw):
-    """The model's replies to a one-turn prompt (model.chat_reply's options: num_samples, temperature, ...)."""
-    from model import chat_reply  # here: prepare.py imports this module without needing torch
-    return chat_reply(model, enc, [{"role": "user", "content": prompt}], **kw)
-
-
 def accuracy(model, enc, examples, temperature=0.0, generator=None):
     """Exact-match accuracy of the replies, per task and over all examples, and "hits": each example's
     1 or 0 in order (paired comparisons of two models on the same prompts need them). The replies are
-    generated in batches (model.chat_replies): greedy ones equal one-at-a-time replies; sampled ones
+    generated in batches (tokenizer.chat_replies): greedy ones equal one-at-a-time replies; sampled ones
     depend only on the seed and the examples."""
-    from model import chat_replies
+    from tokenizer import chat_replies
     model.eval()
     replies = chat_replies(model, enc, [ex["messages"][:1] for ex in examples], max_new_tokens=64,
                            temperature=temperature, generator=generator)

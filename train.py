@@ -1,28 +1,35 @@
 """
-One training loop for every stage: mode='pretrain' (next-token prediction on token memmaps); the SFT and
-DPO modes plug into the same loop as a batch source and a loss.
+One training loop for every stage. A mode is its data (a batch source from batches.py) and its loss:
+
+    pretrain   next-token prediction on token memmaps
+    sft        next-token prediction on the assistant's tokens of chat examples
+    dpo        the DPO family's losses on preference pairs, against a frozen reference model
 
     python train.py config/pretrain_tiny.py                        # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train.py config/pretrain.py        # DDP on one node
     torchrun --nproc_per_node=8 train.py config/pretrain_1b.py     # FSDP: weights and state sharded
     python train.py config/pretrain_tiny.py --init_from=resume     # continue exactly where it stopped
+
+The file reads top to bottom: the defaults, the losses, the modes, the set-up, one step, then train().
 """
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import parallel
+from batches import DatasetError, PreferenceBatches, PretrainBatches, SFTBatches, to_device
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, require
-from model import DTYPES, GPT, GPTConfig, autocast_context, config_from_checkpoint, doc_ids_from_eot
+from model import GPT, GPTConfig
+from optim import configure_optimizer
 from tokenizer import inline_spec
 
 defaults = dict(
@@ -90,331 +97,19 @@ defaults = dict(
     peak_flops=0.0,             # device peak FLOP/s for MFU; 0 = known GPUs' bf16 dense peak, else no MFU
 )
 
+
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the vocabulary is the data's
 defaults = {**{f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS}, **defaults}
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # mode='dpo': see preference_loss
 REFERENCE_FREE = ("simpo", "orpo")
-
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    if dist.is_initialized():
-        # under torchrun, leave at once: tearing down the process group and DDP's reducer while
-        # Python shuts down can abort in gloo's threads ("terminate called without an active
-        # exception", 1 in 10 runs). Everything this script writes is flushed or atomic already.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.exit(1)
-
-
-def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """Linear warmup from lr/warmup_iters to lr, then cosine decay to min_lr at max_iters."""
-    if it < warmup_iters:
-        return lr * (it + 1) / warmup_iters
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def read_meta(data_dir, kind):
-    """meta.json of a dataset, its types checked: kind, a positive int vocab_size within uint16 token
-    files, optional special_tokens {name: id}, optional tokenizer (a kind name or a spec)."""
-    if not os.path.isdir(data_dir):
-        fail(f"data directory '{data_dir}' not found (build it with prepare.py)")
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        fail(f"'{path}' not found: '{data_dir}' is not a prepared dataset")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (ValueError, RecursionError) as e:
-        fail(f"'{path}' is not valid JSON ({e}): rebuild it with prepare.py")
-    if not isinstance(meta, dict):
-        fail(f"'{path}' must hold a JSON object")
-    for key in ("kind", "vocab_size"):
-        if key not in meta:
-            fail(f"'{path}' has no '{key}'")
-    if meta["kind"] != kind:
-        fail(f"'{path}' holds kind '{meta['kind']}' data, but mode '{kind}' needs kind '{kind}'")
-    v = meta["vocab_size"]
-    if type(v) is not int or not 1 <= v <= 65536:
-        fail(f"'{path}': vocab_size must be an integer from 1 to 65536 (uint16 tokens), not {v!r}")
-    specials = meta.get("special_tokens", {})
-    if not isinstance(specials, dict) or any(type(i) is not int or not 0 <= i < v for i in specials.values()):
-        fail(f"'{path}': special_tokens must map names to ids below vocab_size {v}")
-    if not isinstance(meta.get("tokenizer", "bytes"), (str, dict)):
-        fail(f"'{path}': tokenizer must be a kind name or a spec object")
-    return meta
-
-
-def open_tokens(path, min_len, dtype=np.uint16, what="tokens"):
-    """Memmap of a token file, after checks of its size: whole items, at least min_len of them."""
-    if not os.path.isfile(path):
-        fail(f"'{path}' not found")
-    size, item = os.path.getsize(path), np.dtype(dtype).itemsize
-    if size % item:
-        fail(f"'{path}' is {size} bytes, not a whole number of {dtype.__name__} items: it is truncated or "
-             f"not a token file")
-    n = size // item
-    if n < min_len:
-        fail(f"'{path}' holds {n} {what}, fewer than the {min_len} it needs")
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
-def scan_max(path):
-    """The largest id in a uint16 token file, read in chunks of 16M tokens (seconds for GBs)."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    return max((int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24)), default=0)
-
-
-def largest_id(path, checked):
-    """scan_max, cached in checked by (path, size, mtime): the checkpoint carries that cache, so a
-    resumed run does not read its data again."""
-    st = os.stat(path)
-    key = os.path.abspath(path)
-    if checked.get(key, {}).get("stamp") != [st.st_size, st.st_mtime_ns]:
-        checked[key] = {"stamp": [st.st_size, st.st_mtime_ns], "max_id": scan_max(path)}
-    return checked[key]["max_id"]
-
-
-def check_ids(data_dir, meta, checked):
-    """Every id in train.bin and val.bin must be below meta.json's vocab_size (a larger one would crash,
-    or train an embedding row no tokenizer can produce); a vocab_size far above the ids is worth a word."""
-    top, path = max((largest_id(p, checked), p) for p in (os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")))
-    v = meta["vocab_size"]
-    if top >= v:
-        fail(f"'{path}' holds token id {top}, but '{data_dir}/meta.json' says vocab_size {v}")
-    if v > 2 * (top + 1) and v > top + 1 + 256:
-        print(f"warning: '{data_dir}/meta.json' says vocab_size {v}, but no token id exceeds {top}: the "
-              f"loss starts at ln({v}); check that the data and meta.json belong together", file=sys.stderr)
-
-
-def check_index(path, offsets, n_tokens):
-    """int64 offsets into a token file: from 0, never decreasing, ending at the file's length."""
-    if offsets[0] != 0 or offsets[-1] != n_tokens or (np.diff(offsets) < 0).any():
-        fail(f"'{path}' does not index its token file: its offsets must start at 0, never decrease and end "
-             f"at the token count {n_tokens}")
-
-
-def check_count(meta, key, n, data_dir):
-    if key in meta and meta[key] != n:
-        fail(f"'{data_dir}/meta.json' says {key}={meta[key]!r}, but the files hold {n}")
-
-
-def special_token(meta, name, data_dir):
-    if name not in meta.get("special_tokens", {}):
-        fail(f"'{data_dir}/meta.json' has no special token '{name}' in special_tokens")
-    return meta["special_tokens"][name]
-
-
-class Batches:
-    """What train() asks of a mode's data, and nothing else:
-      meta                        the dataset's meta.json
-      get(split, n, generator)    a batch dict of n rows of 'train' or 'val', drawn by generator
-                                  (evaluation passes a fresh seeded one, so every eval sees the same rows)
-      next_train(n, sampler)      the training stream's next n rows; by default get('train') with the
-                                  run's shared sampler, whose state the checkpoint saves
-      count(batch)                how many loss terms the batch holds: a step's summed loss is divided by
-                                  the total over all its micro-batches and ranks; by default the targets
-      state(), load_state(s)      the stream's position beyond the sampler, saved in the checkpoint"""
-    kind = None
-
-    def next_train(self, n, sampler):
-        return self.get("train", n, sampler)
-
-    @staticmethod
-    def count(batch):
-        return (batch["targets"] != -100).sum()
-
-    def state(self):
-        return {}
-
-    def load_state(self, state):
-        pass
-
-
-class PretrainBatches(Batches):
-    """Random windows of block_size+1 tokens from data_dir/{train,val}.bin (flat uint16 streams)."""
-    kind = "pretrain"
-
-    def __init__(self, data_dir, cfg, checked):
-        self.meta = read_meta(data_dir, self.kind)
-        self.block_size = cfg["block_size"]
-        self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
-        for split, path in self.paths.items():
-            check_count(self.meta, f"{split}_tokens", len(open_tokens(path, self.block_size + 1)), data_dir)
-        check_ids(data_dir, self.meta, checked)
-        self.eot = self.meta.get("special_tokens", {}).get("<|endoftext|>")
-        if cfg["doc_mask"] and self.eot is None:
-            fail(f"doc_mask=True needs '<|endoftext|>' in special_tokens of {data_dir}/meta.json")
-        self.doc_mask = cfg["doc_mask"]
-
-    def get(self, split, n, generator):
-        # a fresh memmap per batch, as nanoGPT does: the pages a long run touches in a multi-GB file
-        # would otherwise stay mapped and count in the process's RSS (bench/memmap_rss.py: +3.8 GB of
-        # file-backed pages over 3,000 batches of a 4 GB file; 0.3 ms per batch to reopen)
-        data = np.memmap(self.paths[split], dtype=np.uint16, mode="r")
-        starts = torch.randint(len(data) - self.block_size, (n,), generator=generator).tolist()
-        w = torch.from_numpy(np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64))
-        batch = {"idx": w[:, :-1], "targets": w[:, 1:]}
-        if self.doc_mask:
-            batch["doc_ids"] = doc_ids_from_eot(batch["idx"], self.eot)
-        return batch
-
-
-class SFTBatches(Batches):
-    """Chat examples (data_dir/{split}.bin, .mask.bin, .idx) packed whole into rows of block_size.
-    Each example predicts only its own next tokens, only where the mask is 1 (the assistant's), and
-    attends only within itself (doc_ids). The training stream walks a seeded permutation per epoch, so
-    every example is seen once per epoch; the cursor is part of the checkpoint. Evaluation draws
-    examples with its own generator. Padding: <|pad|> tokens with no target."""
-    kind = "sft"
-
-    def __init__(self, data_dir, cfg, checked):
-        self.meta = read_meta(data_dir, self.kind)
-        self.block_size, self.seed = cfg["block_size"], cfg["seed"]
-        self.pad = special_token(self.meta, "<|pad|>", data_dir)
-        self.splits = {}
-        for split in ("train", "val"):
-            path = os.path.join(data_dir, split)
-            tokens = open_tokens(f"{path}.bin", 2)
-            mask = open_tokens(f"{path}.mask.bin", len(tokens), np.uint8, "flags")
-            if len(mask) != len(tokens):
-                fail(f"'{path}.mask.bin' holds {len(mask)} flags for the {len(tokens)} tokens of '{path}.bin'")
-            offsets = np.array(open_tokens(f"{path}.idx", 2, np.int64, "offsets"))
-            check_index(f"{path}.idx", offsets, len(tokens))
-            check_count(self.meta, f"{split}_examples", len(offsets) - 1, data_dir)
-            check_count(self.meta, f"{split}_tokens", len(tokens), data_dir)
-            longest = int(np.diff(offsets).max()) - 1
-            if longest > self.block_size:
-                fail(f"'{data_dir}/{split}' has an example of {longest} positions: raise block_size to it")
-            self.splits[split] = (tokens, mask, offsets)
-        check_ids(data_dir, self.meta, checked)
-        self.epoch, self.pos, self.order = 0, 0, self._order(0)
-        self.replay, self.replay_fraction = None, cfg["replay"]
-        if self.replay_fraction > 0:
-            self.replay = PretrainBatches(os.path.join(cfg["data_root"], cfg["replay_dataset"]), cfg, checked)
-            if self.replay.meta["vocab_size"] > self.meta["vocab_size"]:
-                fail(f"replay_dataset '{cfg['replay_dataset']}' has vocab_size {self.replay.meta['vocab_size']}, "
-                     f"more than the {self.meta['vocab_size']} of '{data_dir}': not the same tokenizer")
-
-    def _order(self, epoch):
-        n = len(self.splits["train"][2]) - 1
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-
-    def state(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state(self, state):
-        self.epoch, self.pos, self.order = state["epoch"], state["pos"], self._order(state["epoch"])
-
-    def _advance(self):
-        self.pos += 1
-        if self.pos == len(self.order):
-            self.epoch, self.pos, self.order = self.epoch + 1, 0, self._order(self.epoch + 1)
-
-    def next_train(self, n, sampler):
-        """The training stream: the next rows of the epoch's order; with replay, round(n * replay) of the
-        n rows (at least one row stays SFT's) are instead random pretraining windows, every token a
-        target, drawn by the shared sampler: the mixture that keeps SFT from erasing the language model."""
-        k = min(round(n * self.replay_fraction), n - 1) if self.replay else 0
-        batch = self._rows("train", n - k, None)
-        if k:
-            windows = self.replay.get("train", k, sampler)
-            windows.setdefault("doc_ids", torch.zeros_like(windows["idx"]))  # one document per window
-            batch = {key: torch.cat((batch[key], windows[key])) for key in batch}
-        return batch
-
-    def get(self, split, n, generator):
-        """n rows of one example each, drawn by the given generator (evaluation; the stream is untouched)."""
-        return self._rows(split, n, generator)
-
-    def _rows(self, split, n, generator):
-        tokens, mask, offsets = self.splits[split]
-        T = self.block_size
-        idx = torch.full((n, T), self.pad, dtype=torch.long)
-        targets = torch.full((n, T), -100, dtype=torch.long)
-        doc_ids = torch.full((n, T), -1, dtype=torch.long)
-        for row in range(n):
-            used, doc = 0, 0
-            while True:
-                if generator is None:
-                    j = self.order[self.pos]
-                else:
-                    j = int(torch.randint(len(offsets) - 1, (1,), generator=generator))
-                a, b = offsets[j], offsets[j + 1]
-                L = b - a - 1  # positions: each token but the last predicts the next
-                if doc > 0 and used + L > T:
-                    break  # does not fit: it opens the next row
-                if generator is None:
-                    self._advance()
-                t = torch.from_numpy(tokens[a:b].astype(np.int64))
-                m = torch.from_numpy(mask[a + 1:b].astype(bool))
-                idx[row, used:used + L] = t[:-1]
-                targets[row, used:used + L] = torch.where(m, t[1:], -100)
-                doc_ids[row, used:used + L] = doc
-                used, doc = used + L, doc + 1
-                if generator is not None:
-                    break  # eval rows hold one example: the same batches whatever the packing
-        return {"idx": idx, "targets": targets, "doc_ids": doc_ids}
-
-
-class PreferenceBatches(Batches):
-    """Preference pairs (data_dir/{split}.bin, and .idx: int64 rows of prompt, chosen, rejected, end
-    offsets). A batch of n pairs is 2n rows, the n chosen sequences then the n rejected ones, each the
-    prompt followed by its completion, padded to the longest; only completion tokens are targets."""
-    kind = "dpo"
-
-    def __init__(self, data_dir, cfg, checked):
-        self.meta = read_meta(data_dir, self.kind)
-        self.pad = special_token(self.meta, "<|pad|>", data_dir)
-        self.splits = {}
-        for split in ("train", "val"):
-            path = os.path.join(data_dir, split)
-            tokens = open_tokens(f"{path}.bin", 3)
-            spans = np.array(open_tokens(f"{path}.idx", 4, np.int64, "offsets"))
-            if len(spans) % 4:
-                fail(f"'{path}.idx' holds {len(spans)} offsets, not rows of 4 (prompt, chosen, rejected, end)")
-            check_index(f"{path}.idx", spans, len(tokens))  # the rows tile the file in order
-            spans = spans.reshape(-1, 4)
-            if (spans[1:, 0] != spans[:-1, 3]).any() or (np.diff(spans, axis=1) == 0).any():
-                fail(f"'{path}.idx': each pair's rows must follow the last and hold a prompt and two replies")
-            check_count(self.meta, f"{split}_pairs", len(spans), data_dir)
-            check_count(self.meta, f"{split}_tokens", len(tokens), data_dir)
-            p, c, r, e = spans.T
-            longest = int(np.maximum(r - p, (c - p) + (e - r)).max())  # prompt + the longer completion
-            if longest - 1 > cfg["block_size"]:
-                fail(f"'{data_dir}/{split}' has a pair of {longest} tokens: raise block_size to {longest - 1}")
-            self.splits[split] = (tokens, spans)
-        check_ids(data_dir, self.meta, checked)
-
-    @staticmethod
-    def count(batch):
-        return batch["n_pairs"]
-
-    def get(self, split, n, generator):
-        tokens, spans = self.splits[split]
-        chosen, rejected = [], []
-        for j in torch.randint(len(spans), (n,), generator=generator).tolist():
-            p, c, r, e = spans[j]
-            prompt = tokens[p:c].astype(np.int64)
-            chosen.append((prompt, tokens[c:r].astype(np.int64)))
-            rejected.append((prompt, tokens[r:e].astype(np.int64)))
-        seqs = chosen + rejected
-        T = max(len(a) + len(b) for a, b in seqs) - 1
-        idx = torch.full((2 * n, T), self.pad, dtype=torch.long)
-        targets = torch.full((2 * n, T), -100, dtype=torch.long)
-        for i, (prompt, completion) in enumerate(seqs):
-            t = torch.from_numpy(np.concatenate([prompt, completion]))
-            idx[i, :len(t) - 1] = t[:-1]
-            targets[i, len(prompt) - 1:len(t) - 1] = t[len(prompt):]  # the completion's tokens only
-        return {"idx": idx, "targets": targets, "n_pairs": torch.tensor(n)}
-
-
 # ----------------------------------------------------------------------------- the losses
-# Each returns (loss summed over the batch's counted terms, {metric: summed value}).
+
+
+# Each takes (model, batch) and returns (the loss summed over the batch's counted terms, {metric: summed
+# value}); the step divides by the count of terms over all its micro-batches and processes.
+
 
 def next_token_loss(model, batch):
     """Cross-entropy summed over the batch's targets (-100 = not a target); no extra metrics."""
@@ -462,9 +157,10 @@ def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
     raise ValueError(f"loss_type '{kind}' is not one of {LOSS_TYPES}")
 
 
-class PreferenceLoss:
-    """The DPO family's loss for a batch of pairs, summed over pairs, with the summed metrics TRL logs.
-    The frozen reference (None for the reference-free types) runs in eval mode without gradients."""
+class DPOLoss:
+    """preference_loss over a batch of pairs (the n chosen rows, then the n rejected ones), summed over the
+    pairs, with the summed metrics TRL logs. The frozen reference (None for the reference-free types)
+    runs in eval mode without gradients."""
 
     def __init__(self, cfg, reference):
         self.cfg, self.reference = cfg, reference
@@ -486,99 +182,42 @@ class PreferenceLoss:
                  "logps/chosen": logps[:n].sum(), "logps/rejected": logps[n:].sum()}
         return losses.sum(), {k: v.detach() for k, v in stats.items()}
 
-
-def next_token(cfg, first_cfg, device):
-    return next_token_loss
+# ----------------------------------------------------------------------------- the modes
 
 
-def preference(cfg, first_cfg, device):
-    return PreferenceLoss(cfg, load_reference(cfg, first_cfg, device))
+# A new mode (KTO, a reward model) is a Batches subclass in batches.py if its data differs, a loss above,
+# a line in MODES and a branch in mode_loss.
 
 
-# mode -> (its batch source, a loss factory(cfg, first_cfg, device) -> loss_fn(model, batch)); first_cfg is
-# the config the run began with (a resumed run's is in its checkpoint). A new mode (KTO, a reward model)
-# is a Batches subclass if its data differs, a loss, and one line here.
-MODES = {
-    "pretrain": (PretrainBatches, next_token),
-    "sft": (SFTBatches, next_token),
-    "dpo": (PreferenceBatches, preference),
-}
+MODES = {"pretrain": PretrainBatches, "sft": SFTBatches, "dpo": PreferenceBatches}  # mode: its batch source
 
 
-def to_device(batch, device):
-    pin = device.startswith("cuda")
-    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world):
-    """Mean loss per counted term over eval_iters fixed batches of each split, shared out over the ranks.
-    A fresh seeded generator: every eval sees the same batches and the training stream is untouched."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        g = torch.Generator().manual_seed(cfg["seed"] + 1)
-        totals = {}  # summed loss, count and the mode's metrics
-        # every rank runs as many forwards as the others (FSDP's are collective); the spares are not counted
-        for i in range(math.ceil(cfg["eval_iters"] / world) * world):
-            batch = batches.get(split, cfg["batch_size"], g)
-            if i % world == rank:
-                batch = to_device(batch, device)
-                with ctx:
-                    loss, stats = loss_fn(model, batch)
-                for k, v in {"loss": loss, "count": batches.count(batch), **stats}.items():
-                    v = v.float() if i < cfg["eval_iters"] else torch.zeros_like(v, dtype=torch.float)
-                    totals[k] = totals.get(k, 0) + v
-        keys = sorted(totals)
-        sums = torch.stack([totals[k] for k in keys])
-        if world > 1:
-            dist.all_reduce(sums)
-        means = dict(zip(keys, (sums / sums[keys.index("count")].clamp(min=1)).tolist()))
-        out[split] = means.pop("loss")
-        means.pop("count")
-        if split == "val":
-            out.update(means)
-    model.train()
-    return out
-
-
-def read_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"checkpoint '{path}' cannot be loaded: {type(e).__name__}: {e}")
-
-
-def model_config(cfg, vocab_size, ckpt):
-    """The architecture: from the config when training from scratch, else the checkpoint's."""
-    if ckpt is None:
-        # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
-        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), **{k: cfg[k] for k in MODEL_KEYS})
-    if cfg["init_from"] == "resume":  # the run must go on as it was configured (dropout may change)
-        saved = {**ckpt["model_config"], **ckpt["config"]}  # the run's settings, or its model's for a key it lacks
-        diff = [f"{k}={cfg[k]} here but {saved[k]} in the checkpoint" for k in MODEL_KEYS
-                if k != "dropout" and cfg[k] != saved[k]]
-        if diff:
-            fail("cannot resume: this config's model differs from the checkpoint's run: " + ", ".join(diff))
-    if cfg["block_size"] > ckpt["model_config"]["block_size"]:
-        fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
-    if vocab_size > ckpt["model_config"]["vocab_size"]:
-        fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
-    return config_from_checkpoint(ckpt, cfg["dropout"])
-
-
-def load_reference(cfg, first_cfg, device):
-    """The frozen reference policy for DPO: ref_from, or the checkpoint the run first started from."""
+def mode_loss(cfg, device):
+    """The loss of cfg's mode: next-token prediction for pretraining and SFT (whose batches mark what is
+    not predicted with -100); for DPO the preference loss against the frozen model of ref_from. ValueError
+    if that model cannot be loaded."""
+    if cfg["mode"] != "dpo":
+        return next_token_loss
     if cfg["loss_type"] in REFERENCE_FREE:
-        return None
-    path = cfg["ref_from"] or first_cfg["ref_from"] or first_cfg["init_from"]
-    if path in ("scratch", "resume"):
-        fail("mode='dpo' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
-    return GPT.from_checkpoint(read_checkpoint(path)).to(device).eval().requires_grad_(False)
+        return DPOLoss(cfg, None)
+    if cfg["ref_from"] in ("scratch", "resume"):
+        raise ValueError("mode='dpo' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
+    reference = checkpoint.load_model(cfg["ref_from"], device)[0]  # in eval mode
+    return DPOLoss(cfg, reference.requires_grad_(False))
 
 # ----------------------------------------------------------------------------- set-up
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    if dist.is_initialized():
+        # under torchrun, leave at once: tearing down the process group and DDP's reducer while Python
+        # shuts down can abort in gloo's threads ("terminate called without an active exception").
+        # Everything this script writes is flushed or atomic already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(1)
 
 
 def check_config(cfg, world):
@@ -596,7 +235,7 @@ def check_config(cfg, world):
         "grad_clip": (lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"), "spike_factor": NON_NEGATIVE,
         "beta": POSITIVE, "rpo_alpha": NON_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
         "simpo_gamma": (math.isfinite, "finite"), "orpo_lambda": NON_NEGATIVE,
-        "dtype": one_of(*DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
+        "dtype": one_of(*parallel.DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
         "init_from": NOT_EMPTY, "parallel": one_of("ddp", "fsdp"), "replay": unit,
     })
     try:
@@ -616,285 +255,260 @@ def check_config(cfg, world):
              "use optimizer='adamw' with FSDP, or parallel='ddp'")
 
 
-def start_checkpoint(cfg, fsdp):
-    """The checkpoint the run starts from (None from scratch): out_dir/ckpt.pt, or under FSDP the state of
-    out_dir's sharded checkpoint (its folder in 'shards'; the weights are read after sharding). A new run
-    never silently replaces the checkpoint of another in its out_dir."""
-    own, shards = os.path.join(cfg["out_dir"], "ckpt.pt"), parallel.latest_shards(cfg["out_dir"])
-
-    def sharded_state():
-        try:
-            return {**parallel.read_state(shards), "shards": shards}
-        except ValueError as e:
-            fail(str(e))
-
-    if cfg["init_from"] == "resume":
-        if fsdp:
-            if shards is None:
-                fail(f"'{cfg['out_dir']}' holds no sharded checkpoint (shards/latest) to resume with parallel='fsdp'"
-                     + (": resume its ckpt.pt with parallel='ddp'" if os.path.exists(own) else ""))
-            return sharded_state()
-        if shards is not None and not os.path.exists(own):
-            fail(f"'{cfg['out_dir']}' holds a sharded checkpoint but no ckpt.pt: resume with --parallel=fsdp "
-                 f"under torchrun, or write ckpt.pt with: python parallel.py {cfg['out_dir']}")
-        ckpt = read_checkpoint(own)
-        if "optimizer" not in ckpt:  # e.g. one that export.py imported: a start, not a run to go on with
-            fail(f"{own} holds no training state to resume: start from it with init_from={own}")
-        if shards is not None and sharded_state()["iter_num"] > ckpt["iter_num"]:
-            fail(f"'{shards}' is newer than {own}: resume with --parallel=fsdp under torchrun, or bring "
-                 f"ckpt.pt up to date with: python parallel.py {cfg['out_dir']}")
-        if cfg["optimizer"] != ckpt["config"].get("optimizer", "adamw"):
-            fail(f"cannot resume with optimizer={cfg['optimizer']}: {own} was trained with "
-                 f"{ckpt['config'].get('optimizer', 'adamw')}")
-        return ckpt
-    if (os.path.exists(own) or shards) and not cfg["overwrite"]:
-        fail(f"'{own if os.path.exists(own) else shards}' exists: continue that run with --init_from=resume, "
-             f"choose another out_dir, or pass --overwrite=True to replace it")
-    return None if cfg["init_from"] == "scratch" else read_checkpoint(cfg["init_from"])
+def model_config(cfg, vocab_size, ckpt):
+    """The architecture: from the config when training from scratch, else the checkpoint's."""
+    if ckpt is None:
+        # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
+        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), **{k: cfg[k] for k in MODEL_KEYS})
+    if cfg["init_from"] == "resume":  # the run must go on as it was configured (dropout may change)
+        saved = {**ckpt["model_config"], **ckpt["config"]}  # the run's settings, or its model's for a key it lacks
+        diff = [f"{k}={cfg[k]} here but {saved[k]} in the checkpoint" for k in MODEL_KEYS
+                if k != "dropout" and cfg[k] != saved[k]]
+        if diff:
+            fail("cannot resume: this config's model differs from the checkpoint's run: " + ", ".join(diff))
+    if cfg["block_size"] > ckpt["model_config"]["block_size"]:
+        fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
+    if vocab_size > ckpt["model_config"]["vocab_size"]:
+        fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
+    return checkpoint.model_config(ckpt, cfg["dropout"])
 
 
-def restore(cfg, ckpt, batches, device, fsdp, bf16):
-    """The model, its optimizer and the run's progress: from scratch, from a checkpoint's weights
-    (init_from=PATH), or everything as it was saved (init_from='resume': optimizer, iteration, the data
-    position and the random number generators, so the run goes on exactly). fsdp: the model is sharded
-    over the processes (parallel.shard_model) before any weight is loaded."""
+def set_up(cfg):
+    """Everything a run is made of, as one namespace: its config and processes (cfg, rank, world, master,
+    device, fsdp, ctx), data (batches, scanned_files), model (raw_model; model, compiled and wrapped for
+    DDP), optimizer, loss_fn, sampler (draws every batch: its state is the data position), log, and
+    progress (iter_num, best_val_loss, loss_ema, start_iter, last_saved). From scratch, from a checkpoint's
+    weights (init_from=PATH), or all as it was saved (init_from='resume'), so the run goes on exactly."""
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    distributed, rank, world, device = parallel.setup(cfg)
+    fsdp = distributed and cfg["parallel"] == "fsdp"
+    ctx = parallel.autocast_context(cfg["dtype"], device.split(":")[0])
+    torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
+    try:
+        ckpt = checkpoint.starting_checkpoint(cfg, fsdp)
+    except ValueError as e:
+        fail(str(e))
+    resuming = cfg["init_from"] == "resume"
+    if cfg["mode"] == "dpo":  # the reference stays the model the run first started from
+        first = ckpt["config"] if resuming else cfg
+        cfg = {**cfg, "ref_from": cfg["ref_from"] or first["ref_from"] or first["init_from"]}
+    scanned_files = dict(ckpt.get("scanned_files", {})) if resuming else {}  # token files already checked
+    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
+    try:
+        batches = MODES[cfg["mode"]](data_dir, cfg, scanned_files)
+        tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
+    except DatasetError as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(f"'{data_dir}/meta.json': {e}")
     config = model_config(cfg, batches.meta["vocab_size"], ckpt)
-    model = parallel.shard_model(config, device, bf16) if fsdp else GPT(config)
+    bf16_weights = fsdp and device.startswith("cuda") and ctx._enabled  # FSDP's mixed precision on GPUs
+    raw_model = parallel.shard_model(config, device, bf16_weights) if fsdp else GPT(config)
     if ckpt is not None and not fsdp:
-        model.load_state_dict(ckpt["model"])
-    model.to(device)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           device.split(":")[0], cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
+        raw_model.load_state_dict(ckpt["model"])
+    raw_model.to(device)
+    optimizer = configure_optimizer(raw_model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
+                                    device.split(":")[0], cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
     if ckpt is not None and fsdp:
         if "shards" in ckpt:
-            parallel.load_sharded(ckpt["shards"], model, optimizer)
+            checkpoint.load_sharded(ckpt["shards"], raw_model, optimizer)
         else:
-            parallel.load_full_weights(model, ckpt["model"])
-    sampler = torch.Generator().manual_seed(cfg["seed"])  # draws every batch; its state is the data position
-    progress = {"iter_num": 0, "best_val_loss": float("inf"), "loss_ema": None, "first_cfg": cfg}
-    if cfg["init_from"] == "resume":
-        if not fsdp:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        progress.update({k: ckpt[k] for k in ("iter_num", "best_val_loss", "loss_ema")}, first_cfg=ckpt["config"])
-        sampler.set_state(ckpt["rng"]["sampler"])
-        batches.load_state(ckpt["data_state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.startswith("cuda") and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return model, optimizer, sampler, progress
+            parallel.load_full_weights(raw_model, ckpt["model"])
+    run = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, fsdp=fsdp, ctx=ctx,
+                          distributed=distributed, batches=batches, scanned_files=scanned_files, tokenizer=tokenizer,
+                          raw_model=raw_model, optimizer=optimizer, sampler=torch.Generator().manual_seed(cfg["seed"]),
+                          iter_num=0, best_val_loss=float("inf"), loss_ema=None, last_saved=None)
+    if resuming:
+        checkpoint.restore_run(run, ckpt)
+    run.start_iter = run.iter_num
+    try:
+        run.loss_fn = mode_loss(cfg, device)
+    except ValueError as e:
+        fail(str(e))
+    run.model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if distributed and not fsdp:
+        run.model = DDP(run.model, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
+    run.log = checkpoint.MetricsLog(cfg, run.master, ckpt.get("metrics_bytes") if resuming else None)
+    return run
+
+# ----------------------------------------------------------------------------- a step, an evaluation, a save
 
 
-class Log:
-    """metrics.jsonl (and wandb) on the master process."""
-
-    def __init__(self, cfg, master, resume_at=None):
-        """resume_at: the file's size when the resumed checkpoint was saved; what a run wrote after it
-        (and will write again) is cut, so readers see one curve. A new run starts the file afresh."""
-        self.file = self.wandb = None
-        if master:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-            path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-            self.file = open(path, "a" if cfg["init_from"] == "resume" else "w")
-            if resume_at is not None and resume_at <= self.file.tell():
-                self.file.truncate(resume_at)
-                self.file.seek(resume_at)
-            if cfg["wandb_log"]:
-                import wandb
-                self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-
-    def __call__(self, record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.wandb is not None:
-                self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
-
-    def tell(self):
-        """The file's size so far (on the master process): a resumed run cuts the file back to it."""
-        return self.file.tell() if self.file else None
-
-    def close(self):
-        if self.file:
-            self.file.close()
-            if self.wandb is not None:
-                self.wandb.finish()
+def get_lr(it, lr, min_lr, warmup_iters, max_iters):
+    """Linear warmup from lr/warmup_iters to lr, then cosine decay to min_lr at max_iters."""
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def train_step(model, batches, loss_fn, sampler, cfg, ctx, device, rank, world):
+def train_step(run):
     """Forward and backward over the step's micro-batches, accumulating gradients; returns the step's loss.
     One shared draw of the whole step's micro-batches; this rank takes its slice. Every mode's loss is a
     sum over counted terms; the step's loss is the sum over all micro-batches and ranks divided by the
     total count, so each term weighs the same however the batch is split."""
+    cfg, world = run.cfg, run.world
     accum = cfg["gradient_accumulation_steps"] // world
-    step = [batches.next_train(cfg["batch_size"], sampler) for _ in range(accum * world)]
-    micro = [to_device(b, device) for b in step[rank * accum:(rank + 1) * accum]]
-    n_terms = sum(batches.count(b) for b in micro).float()
+    step = [run.batches.next_train(cfg["batch_size"], run.sampler) for _ in range(accum * world)]
+    micro = [to_device(b, run.device) for b in step[run.rank * accum:(run.rank + 1) * accum]]
+    n_terms = sum(run.batches.count(b) for b in micro).float()
     if world > 1:
         dist.all_reduce(n_terms)
-    step_loss = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=run.device)
     try:
         for i, batch in enumerate(micro):
             if world > 1:  # reduce gradients over the ranks only after the last micro-batch
-                parallel.set_gradient_sync(model, i == accum - 1)
-            with ctx:
-                loss = loss_fn(model, batch)[0] / n_terms * world  # DDP and FSDP average over ranks; undo it
+                parallel.set_gradient_sync(run.model, i == accum - 1)
+            with run.ctx:
+                loss = run.loss_fn(run.model, batch)[0] / n_terms * world  # DDP and FSDP average over ranks
             loss.backward()
             step_loss += loss.detach() / world
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         fail(f"a micro-batch of batch_size={cfg['batch_size']} x block_size={cfg['block_size']} does not fit "
-             f"in memory on {device}: lower batch_size and raise gradient_accumulation_steps")
+             f"in memory on {run.device}: lower batch_size and raise gradient_accumulation_steps")
     if world > 1:
         dist.all_reduce(step_loss)
     return step_loss
+
+
+def skip_reason(loss, grad_norm, loss_ema, spike_factor):
+    """Why this step's update must not be applied (None: apply it): a NaN/inf loss or gradient norm, or
+    a loss above spike_factor times the running mean of the losses before it."""
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        return "non-finite"
+    if spike_factor > 0 and loss_ema is not None and loss > spike_factor * loss_ema:
+        return "spike"
+    return None
+
+
+@torch.no_grad()
+def estimate_loss(run):
+    """Mean loss per counted term over eval_iters fixed batches of each split, shared out over the ranks,
+    and the mode's own metrics on val. A fresh seeded generator: every eval sees the same batches and the
+    training stream is untouched."""
+    cfg, world = run.cfg, run.world
+    run.model.eval()
+    out = {}
+    for split in ("train", "val"):
+        g = torch.Generator().manual_seed(cfg["seed"] + 1)
+        totals = {}  # summed loss, count and the mode's metrics
+        # every rank runs as many forwards as the others (FSDP's are collective); the spares are not counted
+        for i in range(math.ceil(cfg["eval_iters"] / world) * world):
+            batch = run.batches.get(split, cfg["batch_size"], g)
+            if i % world == run.rank:
+                batch = to_device(batch, run.device)
+                with run.ctx:
+                    loss, stats = run.loss_fn(run.model, batch)
+                for k, v in {"loss": loss, "count": run.batches.count(batch), **stats}.items():
+                    v = v.float() if i < cfg["eval_iters"] else torch.zeros_like(v, dtype=torch.float)
+                    totals[k] = totals.get(k, 0) + v
+        keys = sorted(totals)
+        sums = torch.stack([totals[k] for k in keys])
+        if world > 1:
+            dist.all_reduce(sums)
+        means = dict(zip(keys, (sums / sums[keys.index("count")].clamp(min=1)).tolist()))
+        out[f"{split}_loss"] = means.pop("loss")
+        means.pop("count")
+        if split == "val":
+            out.update(means)
+    run.model.train()
+    return out
+
+
+def finish(run):
+    """The last save (a run without evals saves once at its end), the consolidated ckpt.pt of a sharded
+    run, and a clean exit of every process."""
+    if run.cfg["eval_interval"] <= 0:
+        checkpoint.save_run(run)
+    run.log.close()
+    if run.fsdp and run.last_saved is not None and run.master:
+        out_dir = run.cfg["out_dir"]
+        print(f"wrote {os.path.join(out_dir, 'ckpt.pt')} (iter {checkpoint.consolidate(out_dir)}, consolidated "
+              f"from the shards)")
+    if run.distributed:
+        dist.barrier()  # rank 0 may still be writing the checkpoint: leave together
+        dist.destroy_process_group()
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg):
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    distributed, rank, world, device = parallel.setup(cfg)
-    master, device_type = rank == 0, device.split(":")[0]
-    fsdp = distributed and cfg["parallel"] == "fsdp"
-    ctx = autocast_context(cfg["dtype"], device_type)
-    torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 on CUDA uses tensor cores
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg["seed"])  # same on every rank: same init, and one shared batch sampler
-    Batches, make_loss = MODES[cfg["mode"]]
-    data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
-    ckpt = start_checkpoint(cfg, fsdp)
-    resuming = cfg["init_from"] == "resume"
-    checked = dict(ckpt.get("data_checked", {})) if resuming else {}  # token files already scanned
-    batches = Batches(data_dir, cfg, checked)
-    bf16_weights = fsdp and device_type == "cuda" and ctx._enabled  # FSDP's mixed precision on GPUs
-    raw_model, optimizer, sampler, progress = restore(cfg, ckpt, batches, device, fsdp, bf16_weights)
-    loss_fn = make_loss(cfg, progress["first_cfg"], device)
-    model = torch.compile(raw_model) if cfg["compile"] else raw_model
-    if distributed and not fsdp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-
+    run = set_up(cfg)
+    cfg = run.cfg
     warmup = cfg["warmup_iters"] if cfg["warmup_iters"] >= 0 else max(1, cfg["max_iters"] // 100)
     min_lr = cfg["min_lr"] if cfg["min_lr"] >= 0 else 0.1 * cfg["learning_rate"]
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    peak = cfg["peak_flops"] or next((v for k, v in PEAK_BF16_FLOPS.items() if device_type == "cuda"
-                                      and k in torch.cuda.get_device_name(device)), 0.0)
-    flops_per_iter = raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter
-    bytes_per_token = batches.meta.get("bytes_per_token")
-    try:
-        tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
-    except ValueError as e:
-        fail(f"'{data_dir}/meta.json': {e}")
     stop_at = cfg["max_iters"] if cfg["stop_at_iter"] < 0 else min(cfg["stop_at_iter"], cfg["max_iters"])
-    log = Log(cfg, master, ckpt.get("metrics_bytes") if resuming else None)
-    del ckpt  # its tensors are in the model and optimizer now
-    if master:
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, {world} "
-              f"process(es) x {cfg['gradient_accumulation_steps'] // world} micro-batches of {cfg['batch_size']}x"
-              f"{cfg['block_size']}, {'bfloat16 autocast' if ctx._enabled else 'float32'} on {device}"
-              + (", FSDP" if fsdp else ", DDP" if distributed else ""))
-
-    last_saved = progress["iter_num"] if resuming else None
-
-    def checkpoint(val_loss=None):
-        """Save the run, unless it has diverged: non-finite weights or val loss are never written."""
-        nonlocal last_saved
-        if iter_num == last_saved:  # a resumed run that took no step: its checkpoint is this one
-            return
-        bad = ("val loss" if val_loss is not None and not math.isfinite(val_loss)
-               else "weights" if not parallel.all_finite(raw_model.parameters()) else None)
-        if bad:
-            if master:
-                print(f"iter {iter_num}: not saving a checkpoint: non-finite {bad} ({kept()})")
-            return
-        last_saved = iter_num
-        rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}  # the same on every rank
-        if device_type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        state = {"model_config": asdict(raw_model.config), "config": cfg, "iter_num": iter_num,
-                 "best_val_loss": progress["best_val_loss"], "loss_ema": loss_ema, "rng": rng,
-                 "data_state": batches.state(), "tokenizer": tokenizer, "data_meta": batches.meta,
-                 "data_checked": checked, "metrics_bytes": log.tell()}
-        if fsdp:  # every process writes its shards
-            parallel.save_sharded(state, raw_model, optimizer, cfg["out_dir"], iter_num)
-        elif master:
-            parallel.save_checkpoint({**state, "model": raw_model.state_dict(),
-                                      "optimizer": optimizer.state_dict()}, cfg["out_dir"])
-
-    def kept():
-        return "this run saved no checkpoint" if last_saved is None else f"the checkpoint of iter {last_saved} is kept"
-
-    iter_num, loss_ema, start_iter = progress["iter_num"], progress["loss_ema"], progress["iter_num"]
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    flops_per_iter = run.raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter
+    peak = cfg["peak_flops"] or next((v for k, v in PEAK_BF16_FLOPS.items() if run.device.startswith("cuda")
+                                      and k in torch.cuda.get_device_name(run.device)), 0.0)
+    if run.master:
+        print(f"{run.raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, {run.world} "
+              f"process(es) x {cfg['gradient_accumulation_steps'] // run.world} micro-batches of {cfg['batch_size']}x"
+              f"{cfg['block_size']}, {'bfloat16 autocast' if run.ctx._enabled else 'float32'} on {run.device}"
+              + (", FSDP" if run.fsdp else ", DDP" if run.distributed else ""))
     bad_steps, t_last, iters_timed = 0, time.perf_counter(), 0
     while True:
-        resumed_here = iter_num == start_iter and start_iter > 0  # evaluated before the checkpoint was saved
-        eval_due = cfg["eval_interval"] > 0 and (iter_num % cfg["eval_interval"] == 0 or iter_num == stop_at)
-        if eval_due and not resumed_here:
-            losses = estimate_loss(model, batches, loss_fn, cfg, ctx, device, rank, world)
-            record = {"iter": iter_num, "train_loss": losses.pop("train"), "val_loss": losses.pop("val"),
-                      **losses}  # and a mode's own metrics on val (DPO: rewards/..., logps/...)
-            if bytes_per_token:
-                record["val_bpb"] = record["val_loss"] / math.log(2) / bytes_per_token
-            if master:
-                print(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "iter"))
-            log(record)
-            improved = record["val_loss"] < progress["best_val_loss"]
-            progress["best_val_loss"] = min(progress["best_val_loss"], record["val_loss"])
-            stopping_early = iter_num == stop_at and stop_at < cfg["max_iters"]
-            if iter_num > 0 and (improved or cfg["always_save_checkpoint"] or stopping_early):
-                checkpoint(record["val_loss"])
+        it = run.iter_num
+        just_resumed = it == run.start_iter and it > 0  # evaluated before its checkpoint was saved
+        if cfg["eval_interval"] > 0 and (it % cfg["eval_interval"] == 0 or it == stop_at) and not just_resumed:
+            record = {"iter": it, **estimate_loss(run)}  # and the mode's metrics on val (DPO: rewards/...)
+            if run.batches.meta.get("bytes_per_token"):
+                record["val_bpb"] = record["val_loss"] / math.log(2) / run.batches.meta["bytes_per_token"]
+            if run.master:
+                print(f"eval {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "iter"))
+            run.log(record)
+            improved = record["val_loss"] < run.best_val_loss
+            run.best_val_loss = min(run.best_val_loss, record["val_loss"])
+            stopping_early = it == stop_at < cfg["max_iters"]
+            if it > 0 and (improved or cfg["always_save_checkpoint"] or stopping_early):
+                checkpoint.save_run(run, record["val_loss"])
             t_last, iters_timed = time.perf_counter(), 0  # keep eval out of the step timings
-        if iter_num >= stop_at:
+        if it >= stop_at:
             break
 
-        lr = get_lr(iter_num, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
-        for group in optimizer.param_groups:
+        lr = get_lr(it, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
+        for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's matrices: muon_lr at the peak
-        step_loss = train_step(model, batches, loss_fn, sampler, cfg, ctx, device, rank, world)
-        norm = parallel.full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf")))
-        loss_val, norm_val = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
-        spike = cfg["spike_factor"] > 0 and loss_ema is not None and loss_val > cfg["spike_factor"] * loss_ema
-        if not math.isfinite(loss_val) or not math.isfinite(norm_val) or spike:  # skip this update
+        step_loss = train_step(run)
+        norm = parallel.whole_value(torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
+                                                                   cfg["grad_clip"] or float("inf")))
+        loss, grad_norm = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
+        skip = skip_reason(loss, grad_norm, run.loss_ema, cfg["spike_factor"])
+        if skip:
             bad_steps += 1
-            reason = "spike" if spike else "non-finite"
-            if master:
-                print(f"iter {iter_num}: skipped update ({reason} loss {loss_val:.4f}, grad norm {norm_val:.4g}, "
-                      f"running mean {loss_ema or float('nan'):.4f})")
-            log({"iter": iter_num, "skipped": reason, "loss": loss_val if math.isfinite(loss_val) else None})
+            if run.master:
+                print(f"iter {it}: skipped update ({skip} loss {loss:.4f}, grad norm {grad_norm:.4g}, "
+                      f"running mean {run.loss_ema or float('nan'):.4f})")
+            run.log({"iter": it, "skipped": skip, "loss": loss if math.isfinite(loss) else None})
             if bad_steps >= cfg["max_bad_steps"]:
-                fail(f"{bad_steps} bad steps in a row at iter {iter_num}: stopping ({kept()}). Lower "
+                fail(f"{bad_steps} bad steps in a row at iter {it}: stopping ({checkpoint.kept_note(run)}). Lower "
                      f"learning_rate or check the data.")
         else:
             bad_steps = 0
-            optimizer.step()
-            loss_ema = loss_val if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_val
-            if iter_num == start_iter and master:
+            run.optimizer.step()
+            run.loss_ema = loss if run.loss_ema is None else 0.95 * run.loss_ema + 0.05 * loss
+            if it == run.start_iter and run.master:
                 print(f"weights, gradients and optimizer state: "
-                      f"{parallel.state_bytes(raw_model, optimizer) / 2**20:.3f} MiB in this process")
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+                      f"{parallel.state_bytes(run.raw_model, run.optimizer) / 2**20:.3f} MiB in this process")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.iter_num += 1
         iters_timed += 1
-
-        if iter_num % cfg["log_interval"] == 0 and master:
+        if run.iter_num % cfg["log_interval"] == 0 and run.master:
             dt = (time.perf_counter() - t_last) / iters_timed
             t_last, iters_timed = time.perf_counter(), 0
-            record = {"iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": norm_val,
+            record = {"iter": run.iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "ms_per_iter": 1000 * dt, "tokens_per_s": tokens_per_iter / dt}
             if peak:
                 record["mfu"] = flops_per_iter / dt / peak
-            print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms, "
+            print(f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms, "
                   f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""))
-            log(record)
-
-    if cfg["eval_interval"] <= 0:
-        checkpoint()
-    log.close()
-    if fsdp and last_saved is not None and master:
-        print(f"wrote {os.path.join(cfg['out_dir'], 'ckpt.pt')} (iter {parallel.consolidate(cfg['out_dir'])}, "
-              f"consolidated from the shards)")
-    if distributed:
-        dist.barrier()  # rank 0 may still be writing the checkpoint: leave together
-        dist.destroy_process_group()
+            run.log(record)
+    finish(run)
 
 
 if __name__ == "__main__":

@@ -19,21 +19,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
-import prepare  # noqa: E402
+from clean import words_of  # noqa: E402
+from dedup import shingle_hashes  # noqa: E402
+from sources import EMBEDDED  # noqa: E402
 
 LEVELS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)  # target similarity of planted copies
 
 
 def source_lines():
     lines = []
-    for read in prepare.EMBEDDED.values():
+    for read in EMBEDDED.values():
         for _, text in read():
             lines += [line for line in text.split("\n") if len(line.split()) >= 3]
     return lines
 
 
 def jaccard(a, b):
-    sa, sb = (set(prepare.shingle_hashes(prepare.words_of(t), 5).tolist()) for t in (a, b))
+    sa, sb = (set(shingle_hashes(words_of(t), 5).tolist()) for t in (a, b))
     return len(sa & sb) / max(1, len(sa | sb))
 
 

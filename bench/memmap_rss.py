@@ -3,7 +3,7 @@ Does train.py's memory stay flat while it samples random windows from a multi-GB
 token file of --gb GB, then draws random windows two ways and prints the process's resident memory as
 it goes, split into anonymous memory (the process's own, which a leak would grow) and file-backed pages
 (the memmap's pages of the page cache, which the kernel can drop): from one memmap held for the
-whole run, and through train.py's PretrainBatches.get, which opens a fresh memmap for every batch
+whole run, and through train.py's batch source (batches.PretrainBatches.get), which opens a fresh memmap for every batch
 (as nanoGPT does) so that the pages one batch touched are unmapped after it.
 
     python bench/memmap_rss.py --gb=4 --steps=3000
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import train  # noqa: E402
+from batches import PretrainBatches  # noqa: E402
 
 
 def rss():
@@ -54,7 +54,7 @@ def main():
         def from_held(g):
             starts = torch.randint(len(held) - args.block_size, (args.batch_size,), generator=g).tolist()
             return np.stack([held[s:s + args.block_size + 1] for s in starts])
-        batches = train.PretrainBatches(tmp, {"block_size": args.block_size, "doc_mask": False})
+        batches = PretrainBatches(tmp, {"block_size": args.block_size, "doc_mask": False}, {})
         for name, draw in (("train.py (a fresh memmap per batch)", lambda g: batches.get("train", args.batch_size, g)),
                            ("one memmap held for the run", from_held)):
             g = torch.Generator().manual_seed(0)

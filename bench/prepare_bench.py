@@ -7,10 +7,12 @@ Figures for prepare.py at scale, on a corpus made by bench/make_corpus.py:
 For each worker count it runs `prepare.py` on the corpus's shards as a user would and reports, from
 outside the process: wall time, the peak memory of the whole job (prepare.py and all its workers,
 their proportional set sizes summed, sampled every second: reading them costs the workers time), the
-peak disk used by intermediates (OUT.tmp/); and from meta.json: each stage's time and MB/s, and the
-core-seconds of each step inside the workers (what remains to be made faster). With --recall it also runs the document stage and deduplication through
-prepare.py's functions and scores the planted near-duplicates: the share caught at each similarity,
-next to the banding formula's prediction.
+peak disk used by intermediates (OUT.tmp/); and from meta.json: each stage's time and MB/s. Then it
+times the steps a worker runs per document (read, clean, filter, signature, tokenize) on the first
+--steps_mb MB of the corpus, one after the other in this process: the core-seconds per GB of each,
+what remains to be made faster. With --recall it also runs the document stage and deduplication
+through prepare.py's functions and scores the planted near-duplicates: the share caught at each
+similarity, next to the banding formula's prediction.
 """
 import argparse
 import json
@@ -22,12 +24,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
+import clean  # noqa: E402
+import dedup  # noqa: E402
 import prepare  # noqa: E402
+import sources  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def tree_memory(pid):
@@ -101,11 +108,53 @@ def report(workers, wall, peak, meta):
           f"{peak['disk'] / 2 ** 30:.2f} GiB; output {meta['train_tokens'] + meta['val_tokens']:,} tokens")
     print("   stage          seconds    MB/s")
     for stage, s in run["seconds"].items():
-        print(f"   {stage:<14}{s:8.1f}{run['mb_per_s'][stage]:8.1f}")
-    print("   inside the workers (core-seconds, MB per core-second):")
-    for step, s in run["core_seconds"].items():
-        print(f"   {step:<14}{s:8.1f}{run['mb_per_core_s'][step]:8.2f}")
+        print(f"   {stage:<14}{s:8.1f}" + (f"{run['mb_per_s'][stage]:8.1f}" if s >= 0.05 else "       -"))
     print(f"   dedup: {meta['dedup']}; filters: " + ", ".join(f"{k} {v['removed']}" for k, v in meta['filters'].items()))
+
+
+def step_costs(corpus, mb, tokenizer_dir):
+    """Core-seconds per GB of each step of a worker's loop over a document (prepare.document_stage and
+    tokenize_stage), timed one step after the other over the first mb MB of the corpus's documents."""
+    cfg = {**prepare.defaults, "sources": {"web": f"{corpus}/shard_*"}}
+    texts, seconds, t = [], dict.fromkeys(("read", "clean", "filter", "signature", "tokenize"), 0.0), time.perf_counter()
+    for unit in sources.list_units(cfg):
+        for _, text, _ in sources.read_unit(unit, cfg, Counter()):
+            texts.append(text)
+            if sum(map(len, texts)) > mb * 1e6:
+                break
+        if sum(map(len, texts)) > mb * 1e6:
+            break
+    seconds["read"] = time.perf_counter() - t
+    n_bytes = sum(len(x.encode()) for x in texts)
+    params = dedup.minhash_params(cfg["num_perm"], cfg["seed"])
+    kept, shingles = [], []
+    for text in texts:
+        t0 = time.perf_counter()
+        text = clean.clean(text, "none")
+        t1 = time.perf_counter()
+        words = clean.words_of(text)
+        grams = clean.ngram_hashes(words, 5)
+        passed = clean.filter_reason(text, cfg, words, grams) is None
+        t2 = time.perf_counter()
+        if passed:
+            dedup.exact_key(text)
+            shingles.append(dedup.shingle_hashes(words, 5, grams))
+            kept.append(text)
+        t3 = time.perf_counter()
+        seconds["clean"] += t1 - t0
+        seconds["filter"] += t2 - t1
+        seconds["signature"] += t3 - t2
+    t0 = time.perf_counter()
+    dedup.band_keys(dedup.minhash_signatures(shingles, params), cfg["bands"])
+    seconds["signature"] += time.perf_counter() - t0
+    enc = load_tokenizer({"kind": "bpe", "path": "tokenizer.bpe"}, tokenizer_dir)
+    t0 = time.perf_counter()
+    enc.encode_ordinary_batch(kept, num_threads=1)
+    seconds["tokenize"] = time.perf_counter() - t0
+    print(f"\n== a worker's steps, one core, on the first {n_bytes / 1e6:.0f} MB ({len(texts):,} documents, "
+          f"{len(kept):,} kept): core-seconds per GB, MB per core-second")
+    for step, sec in seconds.items():
+        print(f"   {step:<14}{sec / n_bytes * 1e9:8.1f}{n_bytes / 1e6 / max(sec, 1e-9):8.2f}")
 
 
 def recall(corpus, workers, cfg_extra):
@@ -114,12 +163,12 @@ def recall(corpus, workers, cfg_extra):
     cfg = {**prepare.defaults, "sources": {"web": f"{corpus}/shard_*"}, "num_workers": workers, **cfg_extra}
     work = tempfile.mkdtemp(prefix="recall-")
     try:
-        units = prepare.list_units(cfg)
+        units = sources.list_units(cfg)
         tasks = [(i, u, cfg, work) for i, u in enumerate(units)]
-        for _ in prepare.in_workers(prepare.document_stage, tasks, workers, "documents"):
+        for _ in sources.in_workers(prepare.document_stage, tasks, workers, "documents"):
             pass
-        docs = prepare.Units(work, len(units))
-        alive, counts = prepare.deduplicate(docs, cfg)
+        docs = prepare.Documents(work, len(units))
+        keep, counts = dedup.deduplicate(docs, cfg)
         where = {}  # (shard file stem, row) -> global id
         for u, unit in enumerate(units):
             stem = os.path.basename(unit["paths"][0]).split(".")[0]
@@ -138,7 +187,7 @@ def recall(corpus, workers, cfg_extra):
             continue  # one of the two was filtered out before deduplication
         seen_copy.add(where[copy])
         e = max(x for x in edges[:-1] if x <= row["jaccard"])
-        caught[e][0] += not alive[where[copy]]
+        caught[e][0] += not keep[where[copy]]
         caught[e][1] += 1
     print(f"\n== planted near duplicates ({cfg['num_perm']} permutations, {b} bands of {r} rows, threshold {t}; "
           f"dedup removed {counts})")
@@ -158,10 +207,10 @@ def recall(corpus, workers, cfg_extra):
     below = [v for lo, v in caught.items() if lo < t]
     tp, pos = sum(v[0] for v in above), sum(v[1] for v in above)
     fp, neg = sum(v[0] for v in below), sum(v[1] for v in below)
-    others = np.ones(len(alive), dtype=bool)
+    others = np.ones(len(keep), dtype=bool)
     others[list(seen_copy)] = False
     print(f"   recall at J >= {t}: {tp / max(1, pos):.3f} ({tp}/{pos}); removed below it: {fp / max(1, neg):.3f} "
-          f"({fp}/{neg}); documents that are no planted copy removed: {int((~alive & others).sum())} of "
+          f"({fp}/{neg}); documents that are no planted copy removed: {int((~keep & others).sum())} of "
           f"{int(others.sum())}")
 
 
@@ -172,15 +221,21 @@ def main():
     ap.add_argument("--out", default=None, help="where the datasets go (default: a temporary folder)")
     ap.add_argument("--recall", default="False")
     ap.add_argument("--keep", default="False", help="keep the prepared datasets")
+    ap.add_argument("--steps_mb", type=float, default=200, help="MB of documents to time the steps on")
     args, extra = ap.parse_known_args()
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
     base = args.out or tempfile.mkdtemp(prefix="prepare-bench-")
     os.makedirs(base, exist_ok=True)
+    outs = []
     for w in map(int, args.workers.split(",")):
         out = os.path.join(base, f"w{w}")
         wall, peak, meta = run(os.path.abspath(args.corpus), w, out, extra)
         report(w, wall, peak, meta)
-        if args.keep != "True":
+        outs.append(out)
+    if args.steps_mb > 0 and meta["tokenizer"]["kind"] == "bpe":
+        step_costs(os.path.abspath(args.corpus), args.steps_mb, outs[-1])
+    if args.keep != "True":
+        for out in outs:
             shutil.rmtree(out)
     if args.recall == "True":
         recall(os.path.abspath(args.corpus), max(map(int, args.workers.split(","))), {})

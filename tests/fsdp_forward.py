@@ -7,17 +7,18 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import parallel  # noqa: E402
-from model import GPTConfig  # noqa: E402
+from optim import configure_optimizer  # noqa: E402
 
 out_dir, path = sys.argv[1:3]
 dist.init_process_group("gloo")
-folder = parallel.latest_shards(out_dir)
-state = parallel.read_state(folder)
-model = parallel.shard_model(GPTConfig(**state["model_config"]), "cpu", bf16=False)
+folder = checkpoint.latest_shards(out_dir)
+state = checkpoint.read_state(folder)
+model = parallel.shard_model(checkpoint.model_config(state), "cpu", bf16=False)
 cfg = state["config"]
-optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), "cpu")
-parallel.load_sharded(folder, model, optimizer)
+optimizer = configure_optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]))
+checkpoint.load_sharded(folder, model, optimizer)
 tokens = torch.arange(2 * 16).reshape(2, 16) % model.config.vocab_size
 with torch.no_grad():
     logits = model.eval()(tokens)[0]

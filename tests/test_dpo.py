@@ -78,7 +78,7 @@ PAIRS = [("Is fire hot?", "yes", "no"), ("Say a color.", "blue", "seven"), ("2+2
 
 def test_step_zero_is_log2_with_zero_rewards():
     model = tiny_model()
-    loss_fn = train.PreferenceLoss({**CFG, "loss_type": "sigmoid"}, copy.deepcopy(model).eval())
+    loss_fn = train.DPOLoss({**CFG, "loss_type": "sigmoid"}, copy.deepcopy(model).eval())
     loss, stats = loss_fn(model, pair_batch(PAIRS))
     assert loss.item() / 3 == pytest.approx(math.log(2), abs=1e-6)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -90,7 +90,7 @@ def test_rpo_term_adds_the_chosen_replies_nll_per_token():
     model's own next-token cross-entropy over the chosen rows: at step zero, log 2 + that."""
     model = tiny_model()
     batch = pair_batch(PAIRS)
-    loss_fn = train.PreferenceLoss({**CFG, "loss_type": "sigmoid", "rpo_alpha": 0.5}, copy.deepcopy(model).eval())
+    loss_fn = train.DPOLoss({**CFG, "loss_type": "sigmoid", "rpo_alpha": 0.5}, copy.deepcopy(model).eval())
     loss, _ = loss_fn(model, batch)
     with torch.no_grad():
         logits = model(batch["idx"][:3])[0]
@@ -101,8 +101,8 @@ def test_rpo_term_adds_the_chosen_replies_nll_per_token():
 def test_reference_is_frozen():
     model, ref = tiny_model(), tiny_model().eval().requires_grad_(False)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    loss_fn = train.PreferenceLoss({**CFG, "loss_type": "sigmoid"}, ref)
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    loss_fn = train.DPOLoss({**CFG, "loss_type": "sigmoid"}, ref)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     for _ in range(3):
         loss, _ = loss_fn(model, pair_batch(PAIRS))
         opt.zero_grad()
@@ -125,8 +125,8 @@ def test_prompt_logps_do_not_matter():
 
 def test_reference_free_types_load_no_reference():
     for kind in train.REFERENCE_FREE:
-        cfg = {**CFG, "loss_type": kind, "init_from": "no/such/checkpoint.pt"}
-        assert train.load_reference(cfg, cfg, "cpu") is None
+        cfg = {**CFG, "mode": "dpo", "loss_type": kind, "ref_from": "no/such/checkpoint.pt"}
+        assert train.mode_loss(cfg, "cpu").reference is None
 
 
 def write_pairs(path, pairs):
@@ -187,7 +187,7 @@ def test_on_policy_pairs_reject_a_wrong_greedy_answer(monkeypatch, reference_cho
     (here: every third prompt's reference is made to be the model's greedy answer) it is chosen. A prompt
     with no correct answer gets the reference as chosen, or no pair with reference_chosen=False."""
     import tasks
-    from model import chat_replies
+    from tokenizer import chat_replies
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)).eval()
     with torch.no_grad():  # sharper logits: varied greedy answers, and samples that differ from them

@@ -42,7 +42,7 @@ def test_multiple_choice_picks_the_planted_answer():
     """A model trained on one sentence prefers its true ending, by total and per-character likelihood."""
     model = tiny(block_size=64).train()
     ids = torch.tensor(ENC.encode_ordinary("the cat sat on the mat. " * 2))
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     for _ in range(60):
         _, loss = model(ids[None, :-1], ids[None, 1:])
         opt.zero_grad()
@@ -98,9 +98,9 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
 
 
 def test_batched_greedy_replies_equal_one_at_a_time():
-    """model.chat_replies groups prompts by token length (no padding): each greedy reply is the one the
+    """tokenizer.chat_replies groups prompts by token length (no padding): each greedy reply is the one the
     prompt gets alone, and the replies come back in the prompts' order."""
-    from model import chat_replies, chat_reply
+    from tokenizer import chat_replies
     model = tiny(block_size=128)
     with torch.no_grad():  # an untrained model at the usual scale answers newlines to everything
         for p in model.parameters():
@@ -109,7 +109,7 @@ def test_batched_greedy_replies_equal_one_at_a_time():
     conversations = [ex["messages"][:1] for ex in examples]
     lengths = [len(ENC.encode(ex["prompt"], allowed_special="all")) for ex in examples]
     assert len(set(lengths)) < len(lengths) - 4  # several prompts share a length: real batches
-    alone = [chat_reply(model, ENC, c, max_new_tokens=12)[0] for c in conversations]
+    alone = [chat_replies(model, ENC, [c], max_new_tokens=12)[0][0] for c in conversations]
     batched = [r[0] for r in chat_replies(model, ENC, conversations, max_new_tokens=12, batch_rows=4)]
     assert batched == alone and len(set(alone)) > 12
     # and tasks.accuracy, which uses it, scores them as one at a time would

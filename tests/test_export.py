@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import export
 from conftest import run_script
+import checkpoint
 from model import GPT, GPTConfig
 from tokenizer import SPECIAL_TOKENS, bpe_spec, count_chunks, load_tokenizer, render_chat, train_bpe
 
@@ -134,7 +135,7 @@ def test_import_transformers_llama(tmp_path, shard, vocab, tie):
     tok.save_pretrained(tmp_path / "hf")
     r = run_script("export.py", f"--import={tmp_path}/hf", f"--out={tmp_path}/run")
     assert r.returncode == 0, r.stderr
-    model, ckpt = GPT.load(str(tmp_path / "run"))
+    model, _, ckpt = checkpoint.load_model(str(tmp_path / "run"))
     assert logits_diff(model, hf, 600) <= 1e-4
     enc = load_tokenizer(ckpt["tokenizer"])
     assert enc.encode_ordinary(HELD_OUT) == tok(HELD_OUT)["input_ids"]

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import train
 from configurator import configure
 from conftest import ROOT, TINY, losses, read_metrics, run_script
@@ -96,7 +97,7 @@ def test_consolidated_checkpoint_serves_sample_export_and_equals_shards(tiny_dat
     out = tiny_data / "fsdp"
     r = run_script("tests/fsdp_forward.py", str(out), str(tmp_path / "logits.pt"), torchrun=2)
     assert r.returncode == 0, r.stdout + r.stderr
-    model, _ = GPT.load(str(out))
+    model, _, _ = checkpoint.load_model(str(out))
     tokens = torch.arange(2 * 16).reshape(2, 16) % model.config.vocab_size
     with torch.no_grad():
         assert torch.allclose(model(tokens)[0], torch.load(tmp_path / "logits.pt"), atol=1e-6)
@@ -105,10 +106,10 @@ def test_consolidated_checkpoint_serves_sample_export_and_equals_shards(tiny_dat
     r = run_script("export.py", f"--ckpt={out}", f"--out={tmp_path}/hf")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file()
-    # on request: parallel.py writes the same file again from the shards
+    # on request: checkpoint.py writes the same file again from the shards
     before = torch.load(out / "ckpt.pt", weights_only=True)
     os.remove(out / "ckpt.pt")
-    r = run_script("parallel.py", str(out))
+    r = run_script("checkpoint.py", str(out))
     assert r.returncode == 0 and "iter 4" in r.stdout, r.stdout + r.stderr
     after = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
@@ -141,7 +142,7 @@ def test_refusals(tiny_data):
     run(tiny_data, "run", "--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=2",
         "--parallel=fsdp", torchrun=2)
     os.remove(tiny_data / "run" / "ckpt.pt")  # a sharded run stopped before its consolidation
-    assert "python parallel.py" in refused("--init_from=resume")
+    assert "python checkpoint.py" in refused("--init_from=resume")
     assert "shards/iter_000002' exists" in refused()
     shutil.rmtree(tiny_data / "run")
     run(tiny_data, "run", "--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=2")
@@ -149,7 +150,7 @@ def test_refusals(tiny_data):
 
 
 def test_parallel_cli_names_a_folder_without_shards(tmp_path):
-    r = run_script("parallel.py", str(tmp_path))
+    r = run_script("checkpoint.py", str(tmp_path))
     assert r.returncode != 0 and "holds no sharded checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 

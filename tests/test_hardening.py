@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import batches
 import chat_data
 import evaluate
 import prepare
@@ -294,7 +295,7 @@ def test_resume_leaves_one_curve_in_metrics(tiny_data):
 def test_a_diverged_run_saves_no_non_finite_checkpoint(tiny_data, monkeypatch, capsys):
     train.train(in_process(tiny_data, max_iters=2))
     good = torch.load(tiny_data / "out" / "ckpt.pt", weights_only=True)
-    calls = []
+    calls, next_token_loss = [], train.next_token_loss
 
     def diverging(model, batch):  # the weights blow up during the third training step
         if torch.is_grad_enabled():
@@ -302,8 +303,8 @@ def test_a_diverged_run_saves_no_non_finite_checkpoint(tiny_data, monkeypatch, c
             if len(calls) == 1:
                 with torch.no_grad():
                     next(model.parameters()).fill_(math.inf)
-        return train.next_token_loss(model, batch)
-    monkeypatch.setitem(train.MODES, "pretrain", (train.PretrainBatches, lambda *a: diverging))
+        return next_token_loss(model, batch)
+    monkeypatch.setattr(train, "next_token_loss", diverging)
     with pytest.raises(SystemExit):
         train.train(in_process(tiny_data, init_from="resume", max_iters=9, eval_interval=1, always_save_checkpoint=True))
     out, err = capsys.readouterr()
@@ -315,10 +316,10 @@ def test_a_diverged_run_saves_no_non_finite_checkpoint(tiny_data, monkeypatch, c
 
 def test_resume_does_not_rescan_the_token_files(tiny_data, monkeypatch):
     scans = []
-    scan_max = train.scan_max
-    monkeypatch.setattr(train, "scan_max", lambda path: scans.append(path) or scan_max(path))
+    scan_max = batches.scan_max
+    monkeypatch.setattr(batches, "scan_max", lambda path: scans.append(path) or scan_max(path))
     train.train(in_process(tiny_data, stop_at_iter=2))
-    assert len(scans) == 2 and len(torch.load(tiny_data / "out" / "ckpt.pt", weights_only=True)["data_checked"]) == 2
+    assert len(scans) == 2 and len(torch.load(tiny_data / "out" / "ckpt.pt", weights_only=True)["scanned_files"]) == 2
     train.train(in_process(tiny_data, init_from="resume"))
     assert len(scans) == 2  # the resumed run trusted the checkpoint's record
     os.utime(tiny_data / "data" / "tiny" / "val.bin", ns=(1, 1))  # the file changed: read it again

