@@ -80,10 +80,10 @@ def rotary_tables(head_dim, length, theta):
 def apply_rotary(x, cos, sin):
     """Rotate each pair (x1[i], x2[i]) of the two halves of every head by its position's angle, as a complex
     number times e^(i angle) would be. x: (B, H, T, D). The dot product of a rotated query and key then
-    depends only on their distance."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    depends only on their distance. Computed in float32 and rounded once: with each product rounded to
+    bf16, the demo's pretrained model ends visibly worse (docs/log.md, 2026-12-02)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
 class KVCache:

@@ -48,6 +48,20 @@ def test_rotary_matches_complex_rotation_and_is_relative():
     torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), atol=1e-4, rtol=1e-4)
 
 
+def test_rotary_of_bf16_is_computed_in_float32_and_rounded_once():
+    """bf16 queries and keys come back in bf16, each element within half a bf16 step (2^-8 relative) of the
+    exact rotation: products rounded one by one to bf16 would miss it where x1 cos - x2 sin cancels."""
+    D, T = 64, 256
+    cos, sin = rotary_tables(D, T, theta=10000.0)
+    x = torch.randn(4, 4, T, D, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x64 = x.double()
+    x1, x2 = x64.chunk(2, dim=-1)
+    exact = torch.cat((x1 * cos.double() - x2 * sin.double(), x2 * cos.double() + x1 * sin.double()), dim=-1)
+    out = apply_rotary(x, cos, sin)
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+
+
 def reference_attention(attn, x, cos, sin, repeat):
     """Multi-head causal attention written plainly, k/v heads repeated `repeat` times."""
     B, T, C = x.shape
