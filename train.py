@@ -105,8 +105,6 @@ REFERENCE_FREE = ("simpo", "orpo")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 # ----------------------------------------------------------------------------- the losses
-
-
 # Each takes (model, batch) and returns (the loss summed over the batch's counted terms, {metric: summed
 # value}); the step divides by the count of terms over all its micro-batches and processes.
 
@@ -183,8 +181,6 @@ class DPOLoss:
         return losses.sum(), {k: v.detach() for k, v in stats.items()}
 
 # ----------------------------------------------------------------------------- the modes
-
-
 # A new mode (KTO, a reward model) is a Batches subclass in batches.py if its data differs, a loss above,
 # a line in MODES and a branch in mode_loss.
 
