@@ -1,9 +1,10 @@
 """
-The one step that uses the network, and only when asked: prepare.py --download=NAME fetches numbered
-parquet shards of a public corpus over HTTPS, resumably.
+The one step that uses the network, and only when asked: prepare.py --download=NAME fetches the parquet
+files of a public dataset over HTTPS, resumably: numbered shards of a corpus, or a benchmark's files.
 
     python prepare.py --download=climbmix --shards=8                  # data/raw/climbmix/shard_00000..7.parquet
     python prepare.py --download='https://host/data/part_{index:04d}.parquet' --first_shard=10 --shards=5
+    python prepare.py --download=hellaswag                            # data/raw/hellaswag/data/validation-...
 
 A complete file is skipped; a file is written as NAME.partial and renamed once its size matches
 Content-Length (and a parquet file ends with its PAR1 footer); a dropped connection is retried after
@@ -19,21 +20,42 @@ import urllib.request
 
 from configurator import progress
 
-# Named corpora for --download. climbmix: nanochat's pretraining corpus, NVIDIA's ClimbMix reshuffled
-# into 6,543 parquet shards (indices 0-6542) with a `text` column, as published on the Hugging Face hub
-# (nanochat's nanochat/dataset.py downloads it from the same address and keeps the last shard for its
-# validation split; here any shard can be used, since prepare.py splits by document hash).
-PRESETS = {"climbmix": {"url": "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
-                               "shard_{index:05d}.parquet", "last": 6542}}
+# Named datasets for --download, as published on the Hugging Face hub (hub_url/datasets/REPO/resolve/main/
+# PATH). climbmix: nanochat's pretraining corpus, NVIDIA's ClimbMix reshuffled into 6,543 parquet shards
+# (indices 0-6542) with a `text` column (nanochat's nanochat/dataset.py downloads it from the same address
+# and keeps the last shard for its validation split; here any shard can be used, since prepare.py splits
+# by document hash). The benchmarks: the files evaluate.py scores (benchmarks.py), each kept at its
+# published PATH under download_dir.
+PRESETS = {
+    "climbmix": {"repo": "karpathy/climbmix-400b-shuffle", "shards": "shard_{index:05d}.parquet", "last": 6542},
+    "hellaswag": {"repo": "Rowan/hellaswag", "files": ["data/validation-00000-of-00001.parquet"]},
+    "arc_easy": {"repo": "allenai/ai2_arc", "files": ["ARC-Easy/test-00000-of-00001.parquet"]},
+    "arc_challenge": {"repo": "allenai/ai2_arc", "files": ["ARC-Challenge/test-00000-of-00001.parquet"]},
+    "mmlu": {"repo": "cais/mmlu", "files": ["all/test-00000-of-00001.parquet", "all/dev-00000-of-00001.parquet"]},
+    "gsm8k": {"repo": "openai/gsm8k", "files": ["main/test-00000-of-00001.parquet",
+                                                "main/train-00000-of-00001.parquet"]},
+}
+
+
+def preset_url(name, path, hub_url):
+    return f"{hub_url.rstrip('/')}/datasets/{PRESETS[name]['repo']}/resolve/main/{path}"
 
 
 def download(cfg):
-    """Fetch shards first_shard .. first_shard+shards-1 of a preset or a URL template into download_dir.
-    A complete file is skipped; each is written as NAME.partial and renamed when its size checks out;
-    a broken connection is retried (resuming with an HTTP Range request) after growing waits."""
+    """Fetch a preset's files, or shards first_shard .. first_shard+shards-1 of a sharded preset or of a URL
+    template, into download_dir. A complete file is skipped; each is written as NAME.partial and renamed
+    when its size checks out; a broken connection is retried (resuming with an HTTP Range request) after
+    growing waits."""
     name = cfg["download"]
     preset = PRESETS.get(name)
-    template = preset["url"] if preset else name
+    out = cfg["download_dir"] or os.path.join("data", "raw", name if preset else "download")
+    if preset and "files" in preset:
+        for path in preset["files"]:
+            fetch(preset_url(name, path, cfg["hub_url"]), os.path.join(out, path), cfg["retries"], cfg["retry_wait"])
+        print(f"{len(preset['files'])} files of {name} in {out}: python evaluate.py --benchmarks={name} "
+              f"--benchmarks_dir={os.path.dirname(out.rstrip('/')) or '.'} ...")
+        return
+    template = preset_url(name, preset["shards"], cfg["hub_url"]) if preset else name
     if "{index" not in template:
         sys.exit(f"download='{name}' is neither a preset ({', '.join(PRESETS)}) nor a URL template with "
                  "{index}, e.g. 'https://host/data/part_{index:04d}.parquet'")
@@ -41,7 +63,6 @@ def download(cfg):
     if cfg["shards"] < 1 or cfg["first_shard"] < 0 or (preset and indices[-1] > preset["last"]):
         sys.exit(f"shards={cfg['shards']} from first_shard={cfg['first_shard']}: indices must lie in "
                  f"[0, {preset['last'] if preset else 'any'}]")
-    out = cfg["download_dir"] or os.path.join("data", "raw", name if preset else "download")
     os.makedirs(out, exist_ok=True)
     for i in indices:
         url = template.format(index=i)
@@ -55,6 +76,7 @@ def fetch(url, path, retries, wait):
     if os.path.exists(path):
         print(f"have {path}")
         return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     part, problem = path + ".partial", None
     for attempt in range(retries + 1):
         if attempt:

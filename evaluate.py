@@ -1,11 +1,13 @@
 """
 Measure a checkpoint: bits per byte and perplexity on a held-out split, multiple-choice log-likelihood
-accuracy, exact-match accuracy on the verifiable tasks (greedy and sampled), and the diversity of its
-samples. Prints a table and writes out_dir/eval.json.
+accuracy, exact-match accuracy on the verifiable tasks (greedy and sampled), the diversity of its
+samples, and the standard benchmarks as lm-evaluation-harness scores them (benchmarks.py). Prints a
+table and writes out_dir/eval.json.
 
     python evaluate.py --out_dir=out/sft_tiny
     python evaluate.py --out_dir=out/tiny --mc_file=hellaswag_val.jsonl --tasks_n=0
     python evaluate.py "--compare=['out/tiny', 'out/sft_tiny', 'out/dpo_tiny']"   # stages side by side
+    python evaluate.py --out_dir=out/pretrain "--benchmarks=['hellaswag', 'arc_easy', 'mmlu']" --benchmark_n=500
     python evaluate.py "--plot=['out/tiny', 'out/dpo_tiny']"       # loss curves to out/*/curves.png
 """
 import json
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import benchmarks
 import tasks
 from configurator import NON_NEGATIVE, configure, one_of, require
 import checkpoint
@@ -34,6 +37,10 @@ defaults = dict(
     tasks=[],                   # task names for exact match ([] = all of tasks.TASKS)
     tasks_split="val",          # 'val', or 'dev' while choosing settings, so the val figures are not tuned on
     samples_n=16,               # sampled replies for the diversity figures
+    benchmarks=[],              # standard benchmarks (benchmarks.NAMES: hellaswag, arc_easy, arc_challenge, mmlu, ...)
+    benchmarks_dir="data/raw",  # where prepare.py --download=NAME put them: DIR/NAME/<published path>
+    benchmark_n=0,              # at most this many items per benchmark (MMLU: per subject); 0 = all
+    batch_tokens=16384,         # tokens per forward pass when scoring the benchmarks' choices
     compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
     compare_png="compare.png",  # --compare also draws the stages side by side here ('' = no chart)
     plot=[],                    # run dirs (or one): draw each metrics.jsonl to RUN/curves.png
@@ -186,6 +193,15 @@ def evaluate(cfg):
             say(f"diversity of {cfg['samples_n']} samples")
             prompts = [ex["prompt"] for ex in tasks.make_examples(cfg["samples_n"], "val", cfg["seed"] + 1)]
             results.update(diversity(model, enc, prompts, cfg["temperature"], g))
+        if cfg["benchmarks"]:
+            say(f"benchmarks: {', '.join(cfg['benchmarks'])}")
+            try:  # a chat checkpoint is also scored on gsm8k through its chat template
+                results["benchmarks"] = benchmarks.evaluate(
+                    model, enc, cfg["benchmarks"], cfg["benchmarks_dir"], cfg["benchmark_n"],
+                    chat=results["mode"] in ("sft", "dpo") and "<|im_start|>" in enc.special_tokens_set,
+                    batch_tokens=cfg["batch_tokens"])
+            except benchmarks.BenchmarkError as e:
+                sys.exit(str(e))
     results["seconds"] = round(time.time() - t0, 1)
     say("done")
     with open(os.path.join(os.path.dirname(cfg["out_dir"]) if cfg["out_dir"].endswith(".pt") else cfg["out_dir"],
@@ -260,22 +276,35 @@ def plot_run(run_dir):
     return out
 
 
+def bars(ax, names, values):
+    """Grouped bars: one group per key of values ({label: [value per stage]}), one bar per stage."""
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(values))]
+        ax.bar(xs, [v[i] for v in values.values()], width, label=name)
+    ax.set_xticks(range(len(values)), [t.replace("_", " ") for t in values], rotation=20)
+    ax.legend()
+
+
 def plot_compare(names, columns, path):
-    """The stages side by side in one PNG: greedy exact match per task and pooled (bars), and val bits per
-    byte of the pretraining text. Returns what it drew: {task or 'all' or 'val_bpb': [value per stage]}."""
+    """The stages side by side in one PNG: greedy exact match per task and pooled (bars), val bits per byte
+    of the pretraining text, and the benchmarks if they were scored. Returns what it drew: {task or 'all'
+    or 'val_bpb' or benchmark row: [value per stage]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     task_names = [t for t in tasks.TASKS if any(f"exact_{t}" in c for c in columns)]
     drawn = {t: [c.get(f"exact_{t}", 0.0) for c in columns] for t in task_names + ["all"]}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [4, 1]})
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(drawn))]
-        left.bar(xs, [v[i] for v in drawn.values()], width, label=name)
-    left.set_xticks(range(len(drawn)), [t.replace("_", " ") for t in drawn], rotation=20)
+    bench = {k: [c.get(k, 0.0) for c in columns] for k in benchmark_figures(columns[0])}
+    fig, axes = plt.subplots(1, 3 if bench else 2, figsize=(19 if bench else 13, 4),
+                             gridspec_kw={"width_ratios": [4, 1, 4] if bench else [4, 1]})
+    left, right = axes[0], axes[1]
+    bars(left, names, drawn)
     left.set(ylabel="exact match, greedy", title="held-out task prompts, per task and pooled", ylim=(0, 1))
-    left.legend()
+    if bench:
+        bars(axes[2], names, bench)
+        axes[2].set(title="standard benchmarks (lm-evaluation-harness's scoring)", ylim=(0, 1))
+        drawn.update(bench)
     if all(isinstance(c.get("val_bpb"), float) for c in columns):
         drawn["val_bpb"] = [c["val_bpb"] for c in columns]
         right.bar(range(len(names)), drawn["val_bpb"], color=[f"C{i}" for i in range(len(names))])
@@ -285,6 +314,21 @@ def plot_compare(names, columns, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return drawn
+
+
+def benchmark_figures(result):
+    """{row label: value} of a checkpoint's benchmarks: acc and acc_norm (MMLU: acc, as it is reported),
+    GSM8K's exact match with the strict and the flexible extraction."""
+    out = {}
+    for name, r in result.get("benchmarks", {}).items():
+        if "acc" in r:
+            out[f"{name} acc"] = r["acc"]
+            if not name.startswith("mmlu"):
+                out[f"{name} acc_norm"] = r["acc_norm"]
+        else:
+            out[f"{name} exact match, strict"] = r["exact_match_strict"]
+            out[f"{name} exact match, flexible"] = r["exact_match_flexible"]
+    return out
 
 
 ROWS = [("val bits/byte (pretraining text)", "val_bpb"), ("multiple choice acc (norm)", "mc_acc_norm"),
@@ -297,19 +341,26 @@ def main():
     cfg = configure(defaults)
     require(cfg, {"max_tokens": NON_NEGATIVE, "mc_n": NON_NEGATIVE, "tasks_n": NON_NEGATIVE,
                   "samples_n": NON_NEGATIVE, "temperature": NON_NEGATIVE, "tasks": tasks.NAMES_RULE,
-                  "tasks_split": one_of("val", "dev"), "dtype": one_of(*DTYPES)})
+                  "tasks_split": one_of("val", "dev"), "dtype": one_of(*DTYPES), "benchmark_n": NON_NEGATIVE,
+                  "batch_tokens": (lambda v: v >= 1, ">= 1"),
+                  "benchmarks": (lambda v: set(v) <= set(benchmarks.NAMES),
+                                 f"a list of benchmark names from {', '.join(benchmarks.NAMES)}")})
     if cfg["plot"]:
         for run in cfg["plot"]:
             print(f"wrote {plot_run(run)}")
         return
     if not cfg["compare"]:
-        for k, v in evaluate(cfg).items():
-            if k != "exact_hits":  # one digit per prompt: eval.json keeps them
-                print(f"{k:<28}{v:.4f}" if isinstance(v, float) else f"{k:<28}{v}")
+        results = evaluate(cfg)
+        for k, v in {**results, **benchmark_figures(results)}.items():
+            if k not in ("exact_hits", "benchmarks"):  # per prompt and per item: eval.json keeps them
+                print(f"{k:<36}{v:.4f}" if isinstance(v, float) else f"{k:<36}{v}")
         return
     columns = [{**evaluate({**cfg, "out_dir": d}), **final_val_metrics(d)} for d in cfg["compare"]]
     print("\n" + f"{'':<34}" + "".join(f"{d:>16}" for d in cfg["compare"]))
-    for label, key in ROWS:
+    for c in columns:
+        c.update(benchmark_figures(c))
+    labels = [(label, key) for label, key in ROWS] + [(k, k) for k in benchmark_figures(columns[0])]
+    for label, key in labels:
         cells = [f"{c[key]:>16.3f}" if isinstance(c.get(key), float) else f"{'-':>16}" for c in columns]
         print(f"{label:<34}" + "".join(cells))
     for d, c in zip(cfg["compare"], columns):
@@ -323,6 +374,15 @@ def main():
             print(f"{d1} vs {d0}, greedy exact match on the same {len(c0['exact_hits'])} prompts: "
                   f"{100 * r['diff']:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}] (paired bootstrap); "
                   f"{r['gained']} gained, {r['lost']} lost, McNemar p = {r['p_mcnemar']:.2g}")
+        for name, b0 in c0.get("benchmarks", {}).items():
+            b1 = c1.get("benchmarks", {}).get(name)
+            if b1 and b0["n"] == b1["n"]:
+                r = paired_difference(benchmarks.hits(b0), benchmarks.hits(b1))
+                lo, hi = r["ci95"]
+                metric = "acc" if "picked" in b0 else "exact match, strict"
+                print(f"{d1} vs {d0}, {name} {metric} on the same {b0['n']} items: {100 * r['diff']:+.1f} points, "
+                      f"95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]; {r['gained']} gained, {r['lost']} lost, "
+                      f"McNemar p = {r['p_mcnemar']:.2g}")
     if cfg["compare_png"]:
         try:
             plot_compare(cfg["compare"], columns, cfg["compare_png"])

@@ -93,12 +93,14 @@ defaults = dict(
     reference_chosen=True,      # a prompt with no correct answer: the reference is chosen (False: no pair)
     convert="",                 # a file of Alpaca/ShareGPT records to rewrite as messages JSONL ...
     convert_out="",             # ... into this file, then exit
-    # --download=NAME: fetch parquet shards over HTTPS, then exit (download.py). NAME is a preset
-    # (download.PRESETS) or a URL template with {index}, e.g. 'https://host/data/part_{index:04d}.parquet'
+    # --download=NAME: fetch parquet files over HTTPS, then exit (download.py). NAME is a preset
+    # (download.PRESETS: climbmix and the benchmarks) or a URL template with {index}, e.g.
+    # 'https://host/data/part_{index:04d}.parquet'
     download="",
     shards=8,                   # how many shards, from index first_shard on
     first_shard=0,
     download_dir="",            # default data/raw/NAME (data/raw/download for a URL template)
+    hub_url="https://huggingface.co",  # where the presets are published (a mirror, or a local test server)
     retries=5,                  # per file, waiting retry_wait, 2*retry_wait, ... seconds between tries
     retry_wait=2.0,
 )
@@ -186,6 +188,7 @@ def check_config(cfg):
         "block_size": AT_LEAST_1, "task_examples": AT_LEAST_1, "tasks": NAMES_RULE, "pair_prompts": AT_LEAST_1,
         "samples_per_prompt": AT_LEAST_1, "sample_temperature": NON_NEGATIVE,
         "shards": AT_LEAST_1, "first_shard": NON_NEGATIVE, "retries": NON_NEGATIVE, "retry_wait": NON_NEGATIVE,
+        "hub_url": NOT_EMPTY,
     })
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -28,7 +28,7 @@ class Server:
                 pass
 
             def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
+                name = self.path if self.path in server.files else self.path.rsplit("/", 1)[-1]
                 server.requests.append((name, self.headers.get("Range")))
                 if name not in server.files:
                     self.send_error(404)
@@ -110,7 +110,7 @@ def test_download_gives_up_naming_the_url(tmp_path):
 
 def test_download_preset_and_bad_names(tmp_path):
     r = run_script("prepare.py", "--download=nosuchcorpus", cwd=tmp_path)
-    assert r.returncode != 0 and "neither a preset (climbmix)" in r.stderr
+    assert r.returncode != 0 and "neither a preset (climbmix, hellaswag" in r.stderr
     r = run_script("prepare.py", "--download=climbmix", "--first_shard=6540", "--shards=5", cwd=tmp_path)
     assert r.returncode != 0 and "[0, 6542]" in r.stderr
 
@@ -121,3 +121,21 @@ def test_climbmix_data_config_is_valid(tmp_path):
     from conftest import ROOT
     r = run_script("prepare.py", os.path.join(ROOT, "config", "data", "climbmix.py"), cwd=tmp_path)
     assert r.returncode != 0 and "source 'data/raw/climbmix/*.parquet' matches no files" in r.stderr
+
+
+def test_benchmark_presets_keep_the_published_paths(tmp_path):
+    """--download=NAME for a benchmark fetches each file from hub_url/datasets/REPO/resolve/main/PATH (the
+    dataset page's address) into download_dir/PATH, and evaluate.py finds it there."""
+    from download import PRESETS
+    paths = [(name, path) for name, p in PRESETS.items() if "files" in p for path in p["files"]]
+    files = {f"/datasets/{PRESETS[name]['repo']}/resolve/main/{path}": shard(k) for k, (name, path) in enumerate(paths)}
+    s = Server(files)
+    try:
+        for name in ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k"):
+            r = run_script("prepare.py", f"--download={name}", f"--hub_url={s.url}", "--retry_wait=0.01", cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+            for path in PRESETS[name]["files"]:
+                assert (tmp_path / "data" / "raw" / name / path).read_bytes() == shard(paths.index((name, path)))
+        assert len(s.requests) == len(files)  # ARC's two test files share a name but not a path
+    finally:
+        s.close()
