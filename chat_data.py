@@ -1,8 +1,12 @@
 """
 Chat data for prepare.py's kind='sft' and kind='dpo' (prepare.py imports this module only for those):
 instruction records in the Alpaca, ShareGPT/Vicuna and OpenAI-messages formats, preference records
-(plain or TRL's conversational form), on-policy preference pairs sampled from a model and judged by
-the verifiable tasks of tasks.py, all rendered with the chat template of tokenizer.py.
+(plain, TRL's conversational form, or whole conversations sharing their prompt, as UltraFeedback's), and
+on-policy preference pairs sampled from a model and judged by the verifiable tasks of tasks.py, all
+rendered with the chat template of tokenizer.py. Files are read as .json arrays, .jsonl (and .jsonl.gz)
+lines or .parquet rows, one unit of work at a time in worker processes (sources.py), so a dataset of any
+size streams; each record goes to val by a seeded hash of where it is (its source, file name and
+position), whatever the number of workers.
 
 Files written (into the directory prepare.py hands over):
   sft: {train,val}.bin (uint16 tokens), {train,val}.mask.bin (uint8, 1 where the loss counts),
@@ -10,16 +14,23 @@ Files written (into the directory prepare.py hands over):
   dpo: {train,val}.bin (uint16: each pair's prompt, chosen and rejected tokens in a row),
        {train,val}.idx (int64 rows: prompt start, chosen start, rejected start, end)
 """
-import glob
+import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import zlib
 from collections import Counter
 
 import numpy as np
 
+from sources import DataError, hashed_fraction, in_workers, jsonl_lines, list_units, mix_plan, mix_repeats
 from tokenizer import chat_replies, check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
+
+PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, RecursionError)  # a record that is not one
+
+# ----------------------------------------------------------------------------- records: formats
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -63,8 +74,9 @@ def to_messages(record):
             if key not in record:
                 raise ValueError(f"Alpaca record without its '{key}' field")
         for key in ("instruction", "input", "output", "system"):
-            if not isinstance(record.get(key, ""), str):
-                raise ValueError(f"Alpaca '{key}' must be a string, not {type(record[key]).__name__}")
+            value = record.get(key, "")
+            if not isinstance(value, str) and not (value is None and key in ("input", "system")):  # null: empty
+                raise ValueError(f"Alpaca '{key}' must be a string, not {type(value).__name__}")
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         msgs = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + \
             [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
@@ -87,9 +99,12 @@ def check_turns(msgs, last):
     return msgs
 
 
-def to_pair(record):
-    """(prompt messages, chosen reply, rejected reply) of a preference record: plain strings, or TRL's
-    conversational form (prompt a message list, chosen and rejected one-assistant-message lists)."""
+def to_pair(record, min_score_margin=0.0):
+    """(prompt messages, chosen reply, rejected reply) of a preference record: plain strings; TRL's
+    conversational form (prompt a message list, chosen and rejected one-assistant-message lists); or
+    chosen and rejected as whole conversations that share their turns before the reply, as UltraFeedback's
+    (the prompt field, if a string, must be that shared user turn). With score_chosen and score_rejected,
+    a pair whose margin is below min_score_margin raises LowMargin."""
     if not isinstance(record, dict):
         raise ValueError(f"a preference record must be an object, not {type(record).__name__}")
     for key in ("prompt", "chosen", "rejected"):
@@ -102,43 +117,359 @@ def to_pair(record):
     for key in ("chosen", "rejected"):
         reply = record[key]
         if isinstance(reply, list):
-            if len(reply) != 1:
+            conversation = [turn(m) for m in reply]
+            if len(conversation) > 1 and conversation[:-1] != msgs:
+                raise ValueError(f"'{key}': its turns before the reply are not the prompt")
+            if not conversation:
                 raise ValueError(f"'{key}' must hold one assistant message")
-            reply = check_turns([turn(reply[0])], "assistant")[0]["content"]
+            reply = check_turns(conversation[-1:], "assistant")[0]["content"]
         if not isinstance(reply, str) or not reply.strip():
             raise ValueError(f"empty '{key}' reply")
         replies.append(reply)
     if replies[0] == replies[1]:
         raise ValueError("the chosen and rejected replies are the same: the pair teaches nothing")
+    if min_score_margin and record.get("score_chosen") is not None and record.get("score_rejected") is not None:
+        if record["score_chosen"] - record["score_rejected"] < min_score_margin:
+            raise LowMargin
     return msgs, replies[0], replies[1]
 
 
+class LowMargin(Exception):
+    """A preference pair whose scores are closer than min_score_margin: noisy, so it is left out."""
+
+# ----------------------------------------------------------------------------- records: reading them
+
+
+def unit_records(unit, stats, kind="sft"):
+    """(location, record) of each record of a unit of work (sources.list_units): 'file[i]' of a JSON array
+    file, 'file:line' of a .jsonl line (the raw line: it is parsed with the record), 'file:row' of a parquet
+    row. A UTF-8 BOM is dropped; bytes that are not UTF-8 become U+FFFD, counted per file in
+    stats['replaced_bytes']; a file without a record is listed in stats['empty_files']."""
+    for path in unit["paths"]:
+        n = 0
+        try:
+            if unit["kind"] == "parquet":
+                records = parquet_rows(path, kind)
+            elif unit["kind"].startswith("jsonl"):
+                records = jsonl_records(path, unit.get("range"), stats)
+            else:
+                records = json_array(path, stats)
+            for n, record in enumerate(records, 1):
+                yield record
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot be read ({e})") from None
+        if not n and not unit.get("range", (0,))[0]:
+            stats["empty_files"].append(path)
+
+
 def read_records(path, replaced=None):
-    """(location, record) from a JSON array file ('file[i]') or a JSONL file ('file:line'). Lines split
-    on '\n' only: U+2028 and friends are legal inside JSON strings. A UTF-8 BOM is dropped; bytes that
-    are not UTF-8 become U+FFFD, counted per file in `replaced`."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        sys.exit(f"{path}: {e.strerror}")
-    text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    """(location, record) of every record of one file (json, jsonl or parquet); replaced counts the bytes
+    that are not UTF-8 per file."""
+    stats = {"replaced_bytes": Counter(), "empty_files": []}
+    kind = "parquet" if path.endswith(".parquet") else "jsonl" if path.endswith((".jsonl", ".jsonl.gz")) else "json"
+    yield from unit_records({"kind": kind, "paths": [path]}, stats, "sft")
+    if replaced is not None:
+        replaced.update(stats["replaced_bytes"])
+
+
+def decoded(raw, path, stats):
+    text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - raw.count("\ufffd".encode())
-    if bad and replaced is not None:
-        replaced[path] += bad
-    if path.endswith(".jsonl"):
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                yield f"{path}:{lineno}", line
-        return
+    if bad:
+        stats["replaced_bytes"][path] += bad
+    return text
+
+
+def json_array(path, stats):
+    with open(path, "rb") as f:
+        text = decoded(f.read(), path, stats).removeprefix("\ufeff")
     try:
         records = json.loads(text)
     except (ValueError, RecursionError) as e:
-        sys.exit(f"{path}: not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
+        raise DataError(f"{path}: not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
     if not isinstance(records, list):
-        sys.exit(f"{path}: expected a JSON array of records")
+        raise DataError(f"{path}: expected a JSON array of records")
     for i, r in enumerate(records):
         yield f"{path}[{i}]", r
+
+
+def jsonl_records(path, byte_range, stats):
+    """The non-blank lines of a .jsonl file (or of those that start inside byte_range), as text."""
+    for lineno, line in jsonl_lines(path, byte_range):
+        text = decoded(line, path, stats)
+        if lineno == 1:
+            text = text.removeprefix("\ufeff")
+        if text.strip():
+            yield f"{path}:{lineno}", text.rstrip("\n")
+
+
+COLUMNS = {"sft": (("messages",), ("conversations",), ("conversation",), ("instruction", "output")),
+           "dpo": (("prompt", "chosen", "rejected"),)}  # the columns a record of each kind needs, one set of them
+
+
+def parquet_rows(path, kind):
+    """Rows as dicts of their columns, one row group at a time (pyarrow is imported only here), once the
+    columns are those of a kind's records."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if not any(set(needed) <= set(names) for needed in COLUMNS[kind]):
+            expected = " or ".join(", ".join(needed) for needed in COLUMNS[kind])
+            raise DataError(f"{path}: not {kind} records: expected the columns {expected}; found {', '.join(names)}")
+        row = 0
+        for g in range(pf.num_row_groups):
+            for record in pf.read_row_group(g).to_pylist():
+                row += 1
+                yield f"{path}:{row}", record
+    except pyarrow.ArrowException as e:
+        raise OSError(f"not a readable parquet file: {e}") from e
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_sft(enc, rec, cfg, notes):
+    """(ids, mask) of a conversation record (or a message list), or None if it is longer than block_size
+    and too_long='drop' (counted in notes['dropped']). Longer than block_size is an error, or with
+    too_long='truncate' the conversation is cut to its longest prefix of whole turns that ends with an
+    assistant turn and fits (counted in notes['truncated'])."""
+    msgs = to_messages(rec)
+    ids, mask = render_chat(enc, msgs)
+    cut = len(msgs)
+    while len(ids) - 1 > cfg["block_size"] and cfg["too_long"] == "truncate":
+        cut = max((i for i in range(1, cut) if msgs[i - 1]["role"] == "assistant"), default=0)
+        if not cut:
+            break
+        ids, mask = render_chat(enc, msgs[:cut])
+    if len(ids) - 1 > cfg["block_size"]:
+        if cfg["too_long"] == "drop":
+            notes["dropped"] += 1
+            return None
+        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1"
+                         + (" (too_long='truncate' keeps the turns that fit, 'drop' leaves it out)"
+                            if cfg["too_long"] == "error" else ""))
+    notes["truncated"] += cut < len(msgs)
+    return ids, mask
+
+
+def render_pair(enc, rec, cfg, notes=None):
+    """(prompt ids ending in the generation prompt, chosen ids, rejected ids); replies end in <|im_end|>.
+    None for a pair longer than block_size with too_long='drop', or below min_score_margin (counted)."""
+    notes = Counter() if notes is None else notes
+    try:
+        msgs, chosen, rejected = rec if isinstance(rec, tuple) else to_pair(rec, cfg["min_score_margin"])
+    except LowMargin:
+        notes["low_margin"] += 1
+        return None
+    prompt, _ = render_chat(enc, msgs, generation_prompt=True)
+    end = enc.encode_single_token("<|im_end|>")
+    c, r = enc.encode_ordinary(chosen) + [end], enc.encode_ordinary(rejected) + [end]
+    if len(prompt) + max(len(c), len(r)) - 1 > cfg["block_size"]:
+        if cfg["too_long"] == "drop":
+            notes["dropped"] += 1
+            return None
+        raise ValueError(f"{len(prompt) + max(len(c), len(r))} tokens, longer than block_size={cfg['block_size']} + 1"
+                         " (too_long='drop' leaves such pairs out)")
+    return prompt, c, r
+
+
+def rendered(items, render, cfg, skipped):
+    """(location, render(record)) for each (location, record); a bad record raises DataError naming its
+    location, or is counted in skipped. A record a policy leaves out (render gives None) is not yielded."""
+    for loc, rec in items:
+        try:
+            example = render(json.loads(rec) if isinstance(rec, str) else rec)
+        except PARSE_ERRORS as e:
+            reason = (f"missing field {e}" if isinstance(e, KeyError) else
+                      "JSON nested too deeply" if isinstance(e, RecursionError) else str(e))
+            if cfg["on_error"] != "skip":
+                raise DataError(f"{loc}: {reason} (set on_error='skip' to skip such records)") from None
+            skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
+            continue
+        if example is not None:
+            yield loc, example
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def prepare_chat(cfg, tmp_dir):
+    """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template, written into tmp_dir
+    (prepare.py moves it into place): the files' units in worker processes, embedded:tasks here, then
+    the splits concatenated, each source's train examples repeated or subsampled by the mix. Returns a
+    one-line summary."""
+    where = cfg["from_ckpt"] or cfg["tokenizer_from"]
+    spec = tokenizer_of(where)
+    enc = load_tokenizer(spec)
+    try:
+        check_uint16(enc)
+    except ValueError as e:
+        raise DataError(f"the tokenizer of '{where}' {e}") from None
+    work = os.path.join(tmp_dir, "work")
+    os.makedirs(work, exist_ok=True)
+    files = {name: src for name, src in cfg["sources"].items() if src != "embedded:tasks"}
+    units = list_units({**cfg, "sources": files}) if files else []
+    workers = min(cfg["num_workers"] or os.cpu_count(), max(1, len(units)))
+    tasks = [(i, unit, cfg, spec, work) for i, unit in enumerate(units)]
+    reports = dict(in_workers(chat_unit, tasks, workers, f"chat data ({workers} workers)"))
+    sampling = Counter()
+    for name, src in cfg["sources"].items():
+        if src == "embedded:tasks":
+            reports[len(reports)] = task_unit(len(reports), name, cfg, enc, work, sampling)
+    reports = [reports[i] for i in range(len(reports))]
+    merged = {"skipped": Counter(), "notes": Counter(), "replaced_bytes": Counter(), "empty_files": []}
+    for r in reports:
+        for key in ("skipped", "notes", "replaced_bytes"):
+            merged[key].update(r[key])
+        merged["empty_files"] += r["empty_files"]
+    for path, n in merged["replaced_bytes"].items():
+        print(f"warning: {path}: {n} bytes that are not UTF-8 became U+FFFD", file=sys.stderr)
+    for path in merged["empty_files"]:
+        print(f"warning: {path}: no records", file=sys.stderr)
+    sizes = Counter()
+    for r in reports:
+        sizes[r["source"]] += r["train"]
+    epochs = mix_plan(sizes, cfg["mix_weights"], cfg["mix_temperature"], sum(sizes.values()))
+    counts = {split: concatenate(reports, split, epochs if split == "train" else None, cfg, work, tmp_dir)
+              for split in ("train", "val")}
+    for split, c in counts.items():
+        if not c["examples" if cfg["kind"] == "sft" else "pairs"]:
+            raise DataError(f"no {split} examples (val_fraction={cfg['val_fraction']})"
+                            + (f"; files without records: {', '.join(merged['empty_files'][:5])}"
+                               if merged["empty_files"] else ""))
+    shutil.rmtree(work)
+    if "ranks" in spec:  # a trained BPE travels as a file beside meta.json, as for pretraining data
+        save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
+        spec = {"kind": "bpe", "path": "tokenizer.bpe"}
+    notes = merged["notes"]
+    meta = {"kind": cfg["kind"], "vocab_size": enc.n_vocab, "tokenizer": spec,
+            "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
+            **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
+            "mix": {s: {"examples": sizes[s], "epochs": round(e, 4)} for s, e in epochs.items()},
+            "skipped": dict(merged["skipped"]), "too_long": {"policy": cfg["too_long"], "truncated": notes["truncated"],
+                                                            "dropped": notes["dropped"]},
+            "low_margin": notes["low_margin"], "replaced_bytes": dict(merged["replaced_bytes"]),
+            "empty_files": merged["empty_files"], **({"sampling": dict(sampling)} if sampling else {}),
+            "config": cfg}
+    with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return (", ".join(f"{s} {c}" for s, c in counts.items()) + (f"; sampling {dict(sampling)}" if sampling else "")
+            + (f"; skipped {dict(merged['skipped'])}" if merged["skipped"] else "")
+            + "".join(f"; {k} {notes[k]}" for k in ("truncated", "dropped", "low_margin") if notes[k]))
+
+
+def chat_unit(task):
+    """Worker: read, check and render one unit's records, each to val by a seeded hash of its source, file
+    name and position; write them (write_unit). Returns the unit's report."""
+    index, unit, cfg, spec, work = task
+    enc = load_tokenizer(spec)
+    stats, notes, skipped = {"replaced_bytes": Counter(), "empty_files": []}, Counter(), Counter()
+    render = render_sft if cfg["kind"] == "sft" else render_pair
+    examples = rendered(unit_records(unit, stats, cfg["kind"]), lambda rec: render(enc, rec, cfg, notes), cfg, skipped)
+    source = unit["source"]
+
+    def split_of(loc):  # the position within its file, not the folder it was read from
+        key = hashlib.blake2b(f"{source}:{os.path.basename(loc)}".encode(), digest_size=8).digest()
+        key = np.frombuffer(key, dtype=np.uint64)
+        return "val" if hashed_fraction(key, cfg["seed"])[0] < cfg["val_fraction"] else "train", key[0]
+    counts = write_unit(os.path.join(work, f"chat-{index:05d}"), ((*split_of(loc), ex) for loc, ex in examples),
+                        cfg["kind"])
+    return index, {"source": source, **counts, "skipped": dict(skipped), "notes": dict(notes),
+                   "replaced_bytes": dict(stats["replaced_bytes"]), "empty_files": stats["empty_files"]}
+
+
+def task_unit(index, source, cfg, enc, work, sampling):
+    """embedded:tasks: the tasks' examples (sft) or on-policy pairs sampled from from_ckpt (dpo), from the
+    tasks' own train and held-out val items, written as one more unit."""
+    import tasks
+    n = cfg["task_examples"] if cfg["kind"] == "sft" else cfg["pair_prompts"]
+    notes, skipped, items = Counter(), Counter(), []
+    model = load_policy(cfg["from_ckpt"]) if cfg["kind"] == "dpo" else None
+    for split, count in (("train", n), ("val", max(1, n // 10))):
+        if cfg["kind"] == "sft":
+            records = [(f"tasks:{split}:{i}", ex["messages"]) for i, ex in enumerate(
+                tasks.make_examples(count, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS)))]
+        else:
+            records = on_policy_pairs(cfg, model, enc, split, count, sampling)
+        render = render_sft if cfg["kind"] == "sft" else render_pair
+        items += [(split, zlib.crc32(loc.encode()), ex) for loc, ex in
+                  rendered(records, lambda rec: render(enc, rec, cfg, notes), cfg, skipped)]
+    counts = write_unit(os.path.join(work, f"chat-{index:05d}"), items, cfg["kind"])
+    return {"source": source, **counts, "skipped": dict(skipped), "notes": dict(notes), "replaced_bytes": {},
+            "empty_files": []}
+
+
+def write_unit(name, items, kind):
+    """Rendered examples (split, key, example) into name.{split}.bin (uint16 tokens), .mask.bin (uint8,
+    sft), .lens (int64: an example's length; a pair's prompt, chosen and rejected lengths) and .keys
+    (uint64, for the mix's seeded subsampling). Returns the number of train and val examples."""
+    files = {s: {"bin": open(f"{name}.{s}.bin", "wb")} for s in ("train", "val")}
+    if kind == "sft":
+        for s in files:
+            files[s]["mask"] = open(f"{name}.{s}.mask.bin", "wb")
+    lens, keys = {"train": [], "val": []}, {"train": [], "val": []}
+    for split, key, example in items:
+        if kind == "sft":
+            ids, mask = example
+            np.array(mask, dtype=np.uint8).tofile(files[split]["mask"])
+            lens[split].append(len(ids))
+        else:
+            ids = [t for part in example for t in part]
+            lens[split].append([len(part) for part in example])
+        np.array(ids, dtype=np.uint16).tofile(files[split]["bin"])
+        keys[split].append(int(key))
+    for s in ("train", "val"):
+        for f in files[s].values():
+            f.close()
+        np.array(lens[s], dtype=np.int64).tofile(f"{name}.{s}.lens")
+        np.array(keys[s], dtype=np.uint64).tofile(f"{name}.{s}.keys")
+    return {s: len(lens[s]) for s in ("train", "val")}
+
+
+def concatenate(reports, split, epochs, cfg, work, tmp_dir):
+    """The split's files from every unit's, in unit order; with epochs (train), each example written
+    floor(e) times and once more if its seeded hash falls below e - floor(e), e its source's epochs."""
+    sft = cfg["kind"] == "sft"
+    lens_all, n_tokens, n_assistant = [], 0, 0
+    out = open(os.path.join(tmp_dir, f"{split}.bin"), "wb")
+    out_mask = open(os.path.join(tmp_dir, f"{split}.mask.bin"), "wb") if sft else None
+    for u, r in enumerate(reports):
+        name = os.path.join(work, f"chat-{u:05d}.{split}")
+        if not r[split]:
+            continue
+        lens = np.fromfile(f"{name}.lens", dtype=np.int64).reshape(r[split], -1)
+        starts = np.concatenate([[0], np.cumsum(lens.sum(1))])
+        repeats = np.ones(len(lens), dtype=np.int64)
+        if epochs is not None:
+            keys = np.fromfile(f"{name}.keys", dtype=np.uint64)
+            repeats = mix_repeats(np.full(len(lens), epochs.get(r["source"], 0.0)), hashed_fraction(keys, cfg["seed"] + 1))
+        tokens = np.fromfile(f"{name}.bin", dtype=np.uint16)
+        mask = np.fromfile(f"{name}.mask.bin", dtype=np.uint8) if sft else None
+        for i in np.flatnonzero(repeats):
+            for _ in range(repeats[i]):
+                tokens[starts[i]:starts[i + 1]].tofile(out)
+                if sft:
+                    mask[starts[i]:starts[i + 1]].tofile(out_mask)
+                    n_assistant += int(mask[starts[i]:starts[i + 1]].sum())
+                lens_all.append(lens[i])
+                n_tokens += int(starts[i + 1] - starts[i])
+    out.close()
+    if sft:
+        out_mask.close()
+    offsets = np.concatenate([[0], np.cumsum(np.array(lens_all, dtype=np.int64).reshape(-1))]).astype(np.int64)
+    if sft:
+        offsets.tofile(os.path.join(tmp_dir, f"{split}.idx"))
+        return {"examples": len(lens_all), "tokens": n_tokens, "assistant_tokens": n_assistant}
+    np.column_stack([offsets[:-1:3], offsets[1::3], offsets[2::3], offsets[3::3]]).astype(np.int64).tofile(
+        os.path.join(tmp_dir, f"{split}.idx"))  # a pair's prompt, chosen, rejected starts and its end
+    return {"pairs": len(lens_all), "tokens": n_tokens}
+
+
+# ----------------------------------------------------------------------------- on-policy pairs, the tokenizer, converting
 
 
 def on_policy_pairs(cfg, model, enc, split, n, stats):
@@ -176,77 +507,6 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     return pairs
 
 
-def chat_items(cfg, enc, stats, replaced):
-    """{'train': [...], 'val': [...]} of (location, record) from every source: records of files split at
-    random by val_fraction; embedded:tasks gives task examples (sft) or on-policy pairs (dpo) from the
-    tasks' own train and held-out val items."""
-    out = {"train": [], "val": []}
-    rng = np.random.default_rng(cfg["seed"])
-    for name, where in cfg["sources"].items():
-        if where == "embedded:tasks":
-            n = cfg["task_examples"] if cfg["kind"] == "sft" else cfg["pair_prompts"]
-            if cfg["kind"] == "dpo":
-                model = load_policy(cfg["from_ckpt"])
-            for split, count in (("train", n), ("val", max(1, n // 10))):
-                if cfg["kind"] == "sft":
-                    import tasks
-                    out[split] += [(f"tasks:{split}:{i}", ex["messages"]) for i, ex in enumerate(
-                        tasks.make_examples(count, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS)))]
-                else:
-                    out[split] += on_policy_pairs(cfg, model, enc, split, count, stats)
-            continue
-        paths = sorted(glob.glob(where)) or sys.exit(f"source '{where}' matches no files")
-        for path in paths:
-            for loc, rec in read_records(path, replaced):
-                out["val" if rng.random() < cfg["val_fraction"] else "train"].append((loc, rec))
-    return out
-
-
-def render_sft(enc, rec, cfg, notes):
-    """(ids, mask) of a conversation record (or a message list). One longer than block_size is an error,
-    or with truncate=True cut to its longest prefix of whole turns that ends with an assistant turn and
-    fits (counted in notes['truncated'])."""
-    msgs = to_messages(rec)
-    ids, mask = render_chat(enc, msgs)
-    cut = len(msgs)
-    while len(ids) - 1 > cfg["block_size"] and cfg["truncate"]:
-        cut = max((i for i in range(1, cut) if msgs[i - 1]["role"] == "assistant"), default=0)
-        if not cut:
-            break
-        ids, mask = render_chat(enc, msgs[:cut])
-    if len(ids) - 1 > cfg["block_size"]:
-        raise ValueError(f"{len(ids)} tokens, longer than block_size={cfg['block_size']} + 1"
-                         + ("" if cfg["truncate"] else " (truncate=True keeps the turns that fit)"))
-    notes["truncated"] += cut < len(msgs)
-    return ids, mask
-
-
-def render_pair(enc, rec, cfg, notes=None):
-    """(prompt ids ending in the generation prompt, chosen ids, rejected ids); replies end in <|im_end|>."""
-    msgs, chosen, rejected = rec if isinstance(rec, tuple) else to_pair(rec)
-    prompt, _ = render_chat(enc, msgs, generation_prompt=True)
-    end = enc.encode_single_token("<|im_end|>")
-    c, r = enc.encode_ordinary(chosen) + [end], enc.encode_ordinary(rejected) + [end]
-    if len(prompt) + max(len(c), len(r)) - 1 > cfg["block_size"]:
-        raise ValueError(f"{len(prompt) + max(len(c), len(r))} tokens, longer than block_size={cfg['block_size']} + 1")
-    return prompt, c, r
-
-
-def render_all(items, render, cfg, skipped):
-    """render(record) for each item; a bad record stops the run naming its location, or is counted."""
-    out = []
-    for loc, rec in items:
-        try:
-            out.append(render(json.loads(rec) if isinstance(rec, str) else rec))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            reason = (f"missing field {e}" if isinstance(e, KeyError) else
-                      "JSON nested too deeply" if isinstance(e, RecursionError) else str(e))
-            if cfg["on_error"] != "skip":
-                sys.exit(f"{loc}: {reason} (set on_error='skip' to skip such records)")
-            skipped[re.sub(r"\d+ tokens", "N tokens", reason.split(" (")[0])] += 1
-    return out
-
-
 def load_policy(path):
     """The model of a checkpoint, to sample from (eval mode, CPU)."""
     import checkpoint
@@ -274,65 +534,6 @@ def tokenizer_of(path):
     sys.exit(f"tokenizer_from='{path}' is neither a prepared dataset nor a checkpoint")
 
 
-def write_sft_split(examples, tmp_dir, split):
-    """tokens (uint16), loss mask (uint8) and int64 offsets: example i is [idx[i], idx[i+1])."""
-    ids = np.array([t for e in examples for t in e[0]], dtype=np.uint16)
-    mask = np.array([m for e in examples for m in e[1]], dtype=np.uint8)
-    offsets = np.cumsum([0] + [len(e[0]) for e in examples], dtype=np.int64)
-    ids.tofile(os.path.join(tmp_dir, f"{split}.bin"))
-    mask.tofile(os.path.join(tmp_dir, f"{split}.mask.bin"))
-    offsets.tofile(os.path.join(tmp_dir, f"{split}.idx"))
-    return {"examples": len(examples), "tokens": int(len(ids)), "assistant_tokens": int(mask.sum())}
-
-
-def write_dpo_split(pairs, tmp_dir, split):
-    """tokens (uint16) of each pair's prompt, chosen and rejected replies in a row, and an int64 table
-    of (prompt start, chosen start, rejected start, end) per pair."""
-    rows, pos = [], 0
-    for p, c, r in pairs:
-        rows.append((pos, pos + len(p), pos + len(p) + len(c), pos + len(p) + len(c) + len(r)))
-        pos = rows[-1][3]
-    np.array([t for pair in pairs for part in pair for t in part], dtype=np.uint16).tofile(
-        os.path.join(tmp_dir, f"{split}.bin"))
-    np.array(rows, dtype=np.int64).reshape(-1, 4).tofile(os.path.join(tmp_dir, f"{split}.idx"))
-    return {"pairs": len(pairs), "tokens": pos}
-
-
-def prepare_chat(cfg, tmp_dir):
-    """kind='sft' (conversations) or 'dpo' (preference pairs), in the chat template, written into
-    tmp_dir (prepare.py moves it into place). Returns a one-line summary."""
-    where = cfg["from_ckpt"] or cfg["tokenizer_from"]
-    spec = tokenizer_of(where)
-    enc = load_tokenizer(spec)
-    try:
-        check_uint16(enc)
-    except ValueError as e:
-        sys.exit(f"the tokenizer of '{where}' {e}")
-    stats, skipped, notes, replaced = Counter(), Counter(), Counter(), Counter()
-    items = chat_items(cfg, enc, stats, replaced)
-    for path, n in replaced.items():
-        print(f"warning: {path}: {n} bytes that are not UTF-8 became U+FFFD", file=sys.stderr)
-    render, write = (render_sft, write_sft_split) if cfg["kind"] == "sft" else (render_pair, write_dpo_split)
-    records = {split: render_all(items[split], lambda rec: render(enc, rec, cfg, notes), cfg, skipped)
-               for split in ("train", "val")}
-    if not records["train"] or not records["val"]:
-        sys.exit(f"no {'train' if not records['train'] else 'val'} examples (val_fraction={cfg['val_fraction']})")
-    counts = {split: write(records[split], tmp_dir, split) for split in ("train", "val")}
-    if "ranks" in spec:  # a trained BPE travels as a file beside meta.json, as for pretraining data
-        save_bpe(spec, os.path.join(tmp_dir, "tokenizer.bpe"))
-        spec = {"kind": "bpe", "path": "tokenizer.bpe"}
-    meta = {"kind": cfg["kind"], "vocab_size": enc.n_vocab, "tokenizer": spec,
-            "special_tokens": {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)},
-            **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()},
-            "skipped": dict(skipped), "truncated": notes["truncated"], "replaced_bytes": dict(replaced),
-            **({"sampling": dict(stats)} if stats else {}), "config": cfg}
-    with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    return (", ".join(f"{s} {c}" for s, c in counts.items()) + (f"; sampling {dict(stats)}" if stats else "")
-            + (f"; skipped {dict(skipped)}" if skipped else "") + (f"; truncated {notes['truncated']}"
-                                                                   if notes["truncated"] else ""))
-
-
 def convert_file(cfg):
     """--convert=IN --convert_out=OUT: Alpaca/ShareGPT/messages records of IN as messages JSONL."""
     if not cfg["convert_out"].strip():
@@ -343,9 +544,12 @@ def convert_file(cfg):
             for loc, rec in read_records(cfg["convert"]):
                 try:
                     msgs = to_messages(json.loads(rec) if isinstance(rec, str) else rec)
-                except (ValueError, KeyError, TypeError, RecursionError) as e:
+                except PARSE_ERRORS as e:
                     sys.exit(f"{loc}: {e}")
                 out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    except DataError as e:
+        os.remove(tmp)
+        sys.exit(str(e))
     except BaseException as e:  # a failed conversion leaves no partial file
         if os.path.exists(tmp):
             os.remove(tmp)

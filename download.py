@@ -24,8 +24,9 @@ from configurator import progress
 # PATH). climbmix: nanochat's pretraining corpus, NVIDIA's ClimbMix reshuffled into 6,543 parquet shards
 # (indices 0-6542) with a `text` column (nanochat's nanochat/dataset.py downloads it from the same address
 # and keeps the last shard for its validation split; here any shard can be used, since prepare.py splits
-# by document hash). The benchmarks: the files evaluate.py scores (benchmarks.py), each kept at its
-# published PATH under download_dir.
+# by document hash). The benchmarks (the files evaluate.py scores, benchmarks.py) and the chat data
+# (prepare.py --kind=sft|dpo reads the parquet files as they are): each file kept at its published PATH
+# under download_dir.
 PRESETS = {
     "climbmix": {"repo": "karpathy/climbmix-400b-shuffle", "shards": "shard_{index:05d}.parquet", "last": 6542},
     "hellaswag": {"repo": "Rowan/hellaswag", "files": ["data/validation-00000-of-00001.parquet"]},
@@ -34,6 +35,11 @@ PRESETS = {
     "mmlu": {"repo": "cais/mmlu", "files": ["all/test-00000-of-00001.parquet", "all/dev-00000-of-00001.parquet"]},
     "gsm8k": {"repo": "openai/gsm8k", "files": ["main/test-00000-of-00001.parquet",
                                                 "main/train-00000-of-00001.parquet"]},
+    # chat data: SmolTalk's small version (SFT; column messages) and UltraFeedback binarized (preferences)
+    "smol-smoltalk": {"repo": "HuggingFaceTB/smol-smoltalk", "files": [
+        *(f"data/train-0000{i}-of-00004.parquet" for i in range(4)), "data/test-00000-of-00001.parquet"]},
+    "ultrafeedback": {"repo": "HuggingFaceH4/ultrafeedback_binarized", "files": [
+        "data/train_prefs-00000-of-00001.parquet", "data/test_prefs-00000-of-00001.parquet"]},
 }
 
 
@@ -52,8 +58,7 @@ def download(cfg):
     if preset and "files" in preset:
         for path in preset["files"]:
             fetch(preset_url(name, path, cfg["hub_url"]), os.path.join(out, path), cfg["retries"], cfg["retry_wait"])
-        print(f"{len(preset['files'])} files of {name} in {out}: python evaluate.py --benchmarks={name} "
-              f"--benchmarks_dir={os.path.dirname(out.rstrip('/')) or '.'} ...")
+        print(f"{len(preset['files'])} files of {name} in {out}")
         return
     template = preset_url(name, preset["shards"], cfg["hub_url"]) if preset else name
     if "{index" not in template:

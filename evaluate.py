@@ -43,6 +43,8 @@ defaults = dict(
     batch_tokens=16384,         # tokens per forward pass when scoring the benchmarks' choices
     compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
     compare_png="compare.png",  # --compare also draws the stages side by side here ('' = no chart)
+    reuse=False,                # --compare: take a stage's eval.json if it was made with these settings from
+                                # this checkpoint, instead of evaluating again
     plot=[],                    # run dirs (or one): draw each metrics.jsonl to RUN/curves.png
     temperature=1.0,            # for the sampled accuracy and the diversity figures
     seed=1337,
@@ -156,6 +158,34 @@ class Progress:
         print(f"[{self.name}] {what} ({time.time() - self.t0:.0f} s)", file=sys.stderr, flush=True)
 
 
+SETTINGS = ("data", "max_tokens", "mc_file", "mc_n", "tasks_n", "tasks", "tasks_split", "samples_n", "temperature",
+            "seed", "dtype", "benchmarks", "benchmarks_dir", "benchmark_n")  # what an eval.json's figures depend on
+
+
+def eval_path(out_dir):
+    return os.path.join(os.path.dirname(out_dir) if out_dir.endswith(".pt") else out_dir, "eval.json")
+
+
+def made_with(cfg):
+    """The settings and the checkpoint (its file's size and time) an eval.json is made with."""
+    ckpt = os.path.join(cfg["out_dir"], "ckpt.pt") if os.path.isdir(cfg["out_dir"]) else cfg["out_dir"]
+    st = os.stat(ckpt) if os.path.isfile(ckpt) else None
+    return {**{k: cfg[k] for k in SETTINGS}, "checkpoint": [st.st_size, st.st_mtime_ns] if st else None}
+
+
+def evaluate_or_reuse(cfg):
+    """evaluate(cfg), or with reuse=True the checkpoint's eval.json if it was made with cfg's settings."""
+    try:
+        with open(eval_path(cfg["out_dir"])) as f:
+            saved = json.load(f)
+        if cfg["reuse"] and saved.get("made_with") == json.loads(json.dumps(made_with(cfg))):
+            print(f"[{cfg['out_dir']}] reusing its eval.json", file=sys.stderr)
+            return saved
+    except (OSError, ValueError):
+        pass
+    return evaluate(cfg)
+
+
 def evaluate(cfg):
     device = cfg["device"]
     say = Progress(cfg["out_dir"])
@@ -203,10 +233,11 @@ def evaluate(cfg):
             except benchmarks.BenchmarkError as e:
                 sys.exit(str(e))
     results["seconds"] = round(time.time() - t0, 1)
+    results["made_with"] = made_with(cfg)
     say("done")
-    with open(os.path.join(os.path.dirname(cfg["out_dir"]) if cfg["out_dir"].endswith(".pt") else cfg["out_dir"],
-                           "eval.json"), "w") as f:
+    with open(eval_path(cfg["out_dir"]) + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(eval_path(cfg["out_dir"]) + ".tmp", eval_path(cfg["out_dir"]))
     return results
 
 
@@ -295,7 +326,7 @@ def plot_compare(names, columns, path):
     import matplotlib.pyplot as plt
     task_names = [t for t in tasks.TASKS if any(f"exact_{t}" in c for c in columns)]
     drawn = {t: [c.get(f"exact_{t}", 0.0) for c in columns] for t in task_names + ["all"]}
-    bench = {k: [c.get(k, 0.0) for c in columns] for k in benchmark_figures(columns[0])}
+    bench = {k: [c.get(k, 0.0) for c in columns] for k in dict.fromkeys(k for c in columns for k in benchmark_figures(c))}
     fig, axes = plt.subplots(1, 3 if bench else 2, figsize=(19 if bench else 13, 4),
                              gridspec_kw={"width_ratios": [4, 1, 4] if bench else [4, 1]})
     left, right = axes[0], axes[1]
@@ -352,20 +383,22 @@ def main():
     if not cfg["compare"]:
         results = evaluate(cfg)
         for k, v in {**results, **benchmark_figures(results)}.items():
-            if k not in ("exact_hits", "benchmarks"):  # per prompt and per item: eval.json keeps them
+            if k not in ("exact_hits", "benchmarks", "made_with"):  # per prompt and per item: eval.json keeps them
                 print(f"{k:<36}{v:.4f}" if isinstance(v, float) else f"{k:<36}{v}")
         return
-    columns = [{**evaluate({**cfg, "out_dir": d}), **final_val_metrics(d)} for d in cfg["compare"]]
+    columns = [{**evaluate_or_reuse({**cfg, "out_dir": d}), **final_val_metrics(d)} for d in cfg["compare"]]
     print("\n" + f"{'':<34}" + "".join(f"{d:>16}" for d in cfg["compare"]))
     for c in columns:
         c.update(benchmark_figures(c))
-    labels = [(label, key) for label, key in ROWS] + [(k, k) for k in benchmark_figures(columns[0])]
+    labels = ROWS + [(k, k) for k in dict.fromkeys(k for c in columns for k in benchmark_figures(c))]
     for label, key in labels:
         cells = [f"{c[key]:>16.3f}" if isinstance(c.get(key), float) else f"{'-':>16}" for c in columns]
-        print(f"{label:<34}" + "".join(cells))
+        if any(isinstance(c.get(key), float) for c in columns):  # measured for some stage
+            print(f"{label:<34}" + "".join(cells))
     for d, c in zip(cfg["compare"], columns):
         per_task = ", ".join(f"{k[6:]} {v:.2f}" for k, v in c.items() if k.startswith("exact_") and k[6:] in tasks.TASKS)
-        print(f"{d}: {per_task}")
+        if per_task:
+            print(f"{d}: {per_task}")
     stages = list(zip(cfg["compare"], columns))
     for (d0, c0), (d1, c1) in zip(stages, stages[1:]):
         if c0.get("exact_hits") and len(c0["exact_hits"]) == len(c1.get("exact_hits", "")):

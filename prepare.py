@@ -33,7 +33,8 @@ import numpy as np
 from clean import EXT_MARKUP, STOPWORDS, STRIP, clean, filter_reason, ngram_hashes, words_of
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, progress, require
 from dedup import band_keys, deduplicate, exact_key, minhash_params, minhash_signatures, shingle_hashes
-from sources import DataError, in_workers, list_units, read_unit, unit_markup
+from sources import (DataError, hashed_fraction, in_workers, list_units, mix_plan, mix_repeats, read_unit,
+                     unit_markup)
 from tasks import NAMES_RULE
 from tokenizer import (MAX_VOCAB, SPECIAL_TOKENS, bpe_spec, check_uint16, count_chunks, eot_token, inline_spec,
                        load_tokenizer, save_bpe, train_bpe)
@@ -79,13 +80,14 @@ defaults = dict(
     kind="pretrain",            # 'pretrain' | 'sft' | 'dpo'
     tokenizer_from="data/demo",  # sft, dpo: the prepared dataset or checkpoint whose tokenizer to use
     block_size=512,             # sft, dpo: longest example, in tokens (training positions)
-    truncate=False,             # sft: cut a conversation longer than block_size to its longest prefix of
-                                # whole turns that ends with an assistant turn and fits (counted)
+    too_long="error",           # sft, dpo: an example longer than block_size: 'error' (naming it), 'drop' (counted),
+                                # or (sft) 'truncate': its longest prefix of whole turns ending with a reply that fits
     task_examples=4000,         # sft from embedded:tasks: train examples; val gets a tenth, held out
     tasks=[],                   # sft from embedded:tasks: task names (see tasks.TASKS); [] = all
-    # kind='dpo': {prompt, chosen, rejected} records (plain strings, or TRL's conversational form), or
-    # on-policy pairs: answers to the tasks sampled from the SFT checkpoint from_ckpt and judged by
-    # the tasks' checkers (a correct one is chosen, an incorrect one rejected)
+    # kind='dpo': {prompt, chosen, rejected} records (plain strings, TRL's conversational form, or whole
+    # conversations as UltraFeedback's), or on-policy pairs: answers to the tasks sampled from the SFT
+    # checkpoint from_ckpt and judged by the tasks' checkers (a correct one is chosen, an incorrect one rejected)
+    min_score_margin=0.0,       # dpo: leave out pairs whose score_chosen - score_rejected is below this (counted)
     from_ckpt="",
     pair_prompts=1000,          # dpo from embedded:tasks: train prompts; val gets a tenth, held out
     samples_per_prompt=4,       # sampled answers per prompt, after the greedy one
@@ -186,7 +188,9 @@ def check_config(cfg):
         "mix_temperature": POSITIVE, "tokenizer_train_chars": AT_LEAST_1,
         "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "num_workers": NON_NEGATIVE, "chunk_mb": POSITIVE,
         "block_size": AT_LEAST_1, "task_examples": AT_LEAST_1, "tasks": NAMES_RULE, "pair_prompts": AT_LEAST_1,
-        "samples_per_prompt": AT_LEAST_1, "sample_temperature": NON_NEGATIVE,
+        "samples_per_prompt": AT_LEAST_1, "sample_temperature": NON_NEGATIVE, "min_score_margin": NON_NEGATIVE,
+        "too_long": (lambda v: v in ("error", "drop") or (v == "truncate" and cfg["kind"] != "dpo"),
+                     "'error' or 'drop', or for kind='sft' 'truncate'"),
         "shards": AT_LEAST_1, "first_shard": NON_NEGATIVE, "retries": NON_NEGATIVE, "retry_wait": NON_NEGATIVE,
         "hub_url": NOT_EMPTY,
     })
@@ -418,30 +422,6 @@ def split_and_mix(docs, units, keep, cfg):
     return {"train": train, "doc_epochs": doc_epochs, "train_order": ids[np.argsort(shuffle, kind="stable")],
             "val_order": np.flatnonzero(val), "report": report}
 
-
-def mix_plan(sizes, weights, temperature, total):
-    """Target share p_i = w_i * n_i^(1/T) / sum_j w_j * n_j^(1/T) of `total`, for source sizes n_i.
-    T = 1 keeps natural proportions (times the weights); large T moves toward the weights alone.
-    Returns epochs per source: target size / available size (>1 repeats documents, <1 subsamples)."""
-    scores = {s: weights.get(s, 1.0) * n ** (1.0 / temperature) for s, n in sizes.items() if n > 0}
-    z = sum(scores.values())
-    return {s: scores[s] / z * total / sizes[s] for s in scores}
-
-
-def mix_repeats(epochs, u):
-    """How often each document goes into the train split: floor(e) times, plus once more when its
-    uniform number u falls below the fraction e - floor(e) (a seeded subsample of the documents)."""
-    whole = np.floor(epochs)
-    return (whole + (u < epochs - whole)).astype(np.int64)
-
-
-def hashed_fraction(x, salt):
-    """A number in [0, 1) for each uint64 in x, uniform over keys and the same on every run and in
-    every process: splitmix64's finalizer of x mixed with salt (each use of it its own salt)."""
-    z = x ^ np.uint64((salt * 0x9E3779B97F4A7C15) % 2 ** 64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return ((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
 
 # ----------------------------------------------------------------------------- 3. the tokenizer
 

@@ -3,7 +3,8 @@ Where prepare.py's documents come from: the embedded corpus (text that pip insta
 the King James Bible, the Python standard library and its help topics), and files, folders or globs of
 plain text, .jsonl, .jsonl.gz and .parquet. Sources are cut into units of work of about chunk_mb (a
 parquet or .jsonl.gz file, a byte range of a large .jsonl split at line ends, a group of small files),
-which worker processes read one at a time (in_workers), so nothing holds the corpus in memory.
+which worker processes read one at a time (in_workers), so nothing holds the corpus in memory. Sources
+are mixed by weights (mix_plan), document by document, with seeded hashes (hashed_fraction).
 
 Bad input raises DataError naming the file (and line), unless on_error='skip' counts it instead.
 """
@@ -16,6 +17,8 @@ import re
 import sys
 import zlib
 from collections import defaultdict
+
+import numpy as np
 
 from configurator import progress
 from tasks import package_dir
@@ -188,8 +191,9 @@ def read_unit(unit, cfg, stats, problems=None):
             note(path, f"cannot be read ({e}): skipped")
 
 
-def read_jsonl(path, byte_range, cfg, stats):
-    """Lines of a .jsonl (optionally gzipped) file, or of the lines that start inside byte_range."""
+def jsonl_lines(path, byte_range):
+    """(line number, the line's bytes) of a .jsonl (optionally gzipped) file, or of the lines that start
+    inside byte_range; lines split on '\n' only (U+2028 and friends are legal inside JSON strings)."""
     start, stop = byte_range or (0, None)
     with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
         if start:
@@ -201,27 +205,32 @@ def read_jsonl(path, byte_range, cfg, stats):
             line = f.readline()
             if not line:
                 break
-            pos += len(line)
-            lineno += 1
-            if not line.strip():
+            pos, lineno = pos + len(line), lineno + 1
+            yield lineno, line
+
+
+def read_jsonl(path, byte_range, cfg, stats):
+    """The documents of a .jsonl file's lines (or of the lines that start inside byte_range)."""
+    for lineno, line in jsonl_lines(path, byte_range):
+        if not line.strip():
+            continue
+        text, bad = decode(line)
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise TypeError(f"a JSON {type(record).__name__}, not an object")
+            doc = record[cfg["text_field"]]
+            if not isinstance(doc, str):
+                raise TypeError(f"field '{cfg['text_field']}' is {type(doc).__name__}, not a string")
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            if cfg["on_error"] == "skip":
+                stats["skipped_lines"] += 1
                 continue
-            text, bad = decode(line)
-            try:
-                record = json.loads(text)
-                if not isinstance(record, dict):
-                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
-                doc = record[cfg["text_field"]]
-                if not isinstance(doc, str):
-                    raise TypeError(f"field '{cfg['text_field']}' is {type(doc).__name__}, not a string")
-            except (ValueError, KeyError, TypeError, RecursionError) as e:
-                if cfg["on_error"] == "skip":
-                    stats["skipped_lines"] += 1
-                    continue
-                problem = f"no field '{cfg['text_field']}'" if isinstance(e, KeyError) else str(e)
-                raise DataError(f"{path}:{lineno}: {problem} "
-                                "(set on_error='skip' to skip such lines)") from e
-            stats["decode_errors"] += bad
-            yield lineno, doc, ".jsonl"
+            problem = f"no field '{cfg['text_field']}'" if isinstance(e, KeyError) else str(e)
+            raise DataError(f"{path}:{lineno}: {problem} "
+                            "(set on_error='skip' to skip such lines)") from e
+        stats["decode_errors"] += bad
+        yield lineno, doc, ".jsonl"
 
 
 def line_number(path, offset):
@@ -261,6 +270,34 @@ def read_parquet(path, cfg, stats):
                 yield row, text, ".parquet"
             else:
                 stats["empty_rows"] += 1
+
+# ----------------------------------------------------------------------------- mixing sources
+
+
+def mix_plan(sizes, weights, temperature, total):
+    """Target share p_i = w_i * n_i^(1/T) / sum_j w_j * n_j^(1/T) of `total`, for source sizes n_i.
+    T = 1 keeps natural proportions (times the weights); large T moves toward the weights alone.
+    Returns epochs per source: target size / available size (>1 repeats documents, <1 subsamples)."""
+    scores = {s: weights.get(s, 1.0) * n ** (1.0 / temperature) for s, n in sizes.items() if n > 0}
+    z = sum(scores.values())
+    return {s: scores[s] / z * total / sizes[s] for s in scores}
+
+
+def mix_repeats(epochs, u):
+    """How often each document goes into the train split: floor(e) times, plus once more when its
+    uniform number u falls below the fraction e - floor(e) (a seeded subsample of the documents)."""
+    whole = np.floor(epochs)
+    return (whole + (u < epochs - whole)).astype(np.int64)
+
+
+def hashed_fraction(x, salt):
+    """A number in [0, 1) for each uint64 in x, uniform over keys and the same on every run and in
+    every process: splitmix64's finalizer of x mixed with salt (each use of it its own salt)."""
+    z = x ^ np.uint64((salt * 0x9E3779B97F4A7C15) % 2 ** 64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+
 
 # ----------------------------------------------------------------------------- worker processes
 

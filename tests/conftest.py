@@ -53,3 +53,22 @@ def losses(root, out):
 def tiny_data(tmp_path):
     write_pretrain_data(tmp_path / "data" / "tiny")
     return tmp_path
+
+
+def write_sft_split(examples, path, split):
+    """An SFT split in the on-disk format train.py reads, from (ids, mask) pairs: uint16 tokens, uint8 loss
+    mask, int64 offsets (example i is [idx[i], idx[i+1]))."""
+    np.array([t for ids, _ in examples for t in ids], dtype=np.uint16).tofile(path / f"{split}.bin")
+    np.array([m for _, mask in examples for m in mask], dtype=np.uint8).tofile(path / f"{split}.mask.bin")
+    np.cumsum([0] + [len(ids) for ids, _ in examples], dtype=np.int64).tofile(path / f"{split}.idx")
+
+
+def write_dpo_split(pairs, path, split):
+    """A preference split in the on-disk format train.py reads, from (prompt, chosen, rejected) token lists:
+    uint16 tokens and int64 rows of (prompt start, chosen start, rejected start, end)."""
+    rows, pos = [], 0
+    for p, c, r in pairs:
+        rows.append((pos, pos + len(p), pos + len(p) + len(c), pos + len(p) + len(c) + len(r)))
+        pos = rows[-1][3]
+    np.array([t for pair in pairs for part in pair for t in part], dtype=np.uint16).tofile(path / f"{split}.bin")
+    np.array(rows, dtype=np.int64).reshape(-1, 4).tofile(path / f"{split}.idx")

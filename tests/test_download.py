@@ -124,14 +124,14 @@ def test_climbmix_data_config_is_valid(tmp_path):
 
 
 def test_benchmark_presets_keep_the_published_paths(tmp_path):
-    """--download=NAME for a benchmark fetches each file from hub_url/datasets/REPO/resolve/main/PATH (the
-    dataset page's address) into download_dir/PATH, and evaluate.py finds it there."""
+    """--download=NAME for a benchmark or chat data fetches each file from hub_url/datasets/REPO/resolve/main/PATH (the
+    dataset page's address) into download_dir/PATH, where evaluate.py and the data configs look."""
     from download import PRESETS
     paths = [(name, path) for name, p in PRESETS.items() if "files" in p for path in p["files"]]
     files = {f"/datasets/{PRESETS[name]['repo']}/resolve/main/{path}": shard(k) for k, (name, path) in enumerate(paths)}
     s = Server(files)
     try:
-        for name in ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k"):
+        for name in dict.fromkeys(name for name, _ in paths):  # the benchmarks and the chat data
             r = run_script("prepare.py", f"--download={name}", f"--hub_url={s.url}", "--retry_wait=0.01", cwd=tmp_path)
             assert r.returncode == 0, r.stderr
             for path in PRESETS[name]["files"]:

@@ -9,7 +9,7 @@ import torch
 
 import chat_data
 import train
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, write_dpo_split
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -133,7 +133,7 @@ def write_pairs(path, pairs):
     path.mkdir(parents=True)
     rows = [chat_data.render_pair(ENC, ([{"role": "user", "content": p}], c, r), {"block_size": 64}) for p, c, r in pairs]
     for split in ("train", "val"):
-        chat_data.write_dpo_split(rows, path, split)
+        write_dpo_split(rows, path, split)
     (path / "meta.json").write_text(json.dumps({"kind": "dpo", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
 

@@ -59,7 +59,8 @@ PREPARE_BAD = [
     ("num_perm", 0), ("shingle_size", 0), ("chunk_mb", 0.0), ("num_workers", -1), ("tasks", ["nope"]),
     ("min_chars", -1), ("mix_temperature", 0.0), ("kind", "rlhf"), ("tokenizer", "sentencepiece"),
     ("on_error", "ignore"), ("language", "xx"), ("mix_weights", {"a": -1.0}), ("shards", 0),
-    ("text_field", ""), ("min_alpha_ratio", 1.5), ("retries", -1), ("block_size", 0),
+    ("text_field", ""), ("min_alpha_ratio", 1.5), ("retries", -1), ("block_size", 0), ("too_long", "cut"),
+    ("min_score_margin", -1.0), ("hub_url", ""),
 ]
 
 
@@ -68,6 +69,9 @@ def test_prepare_refuses_out_of_range_values(key, value, capsys):
     cfg = {**prepare.defaults, key: value}
     message = refusal(lambda: prepare.check_config(cfg), capsys)
     assert key in message, message
+    if key == "too_long":  # preference pairs cannot be cut at a turn
+        message = refusal(lambda: prepare.check_config({**prepare.defaults, "kind": "dpo", key: "truncate"}), capsys)
+        assert "too_long='truncate' must be 'error' or 'drop', or for kind='sft' 'truncate'" in message
 
 
 @pytest.mark.parametrize("module, args, key", [
@@ -136,28 +140,29 @@ DPO_BAD = [
 @pytest.mark.parametrize("kind, line, message", [("sft", *c) for c in SFT_BAD] + [("dpo", *c) for c in DPO_BAD])
 def test_bad_chat_records_are_named_or_counted(kind, line, message):
     render = chat_data.render_sft if kind == "sft" else chat_data.render_pair
-    cfg = {"block_size": 128, "truncate": False, "on_error": "raise"}
+    cfg = {"block_size": 128, "too_long": "error", "on_error": "raise", "min_score_margin": 0.0}
     items = [("chat.jsonl:7", line)]
-    with pytest.raises(SystemExit) as e:
-        chat_data.render_all(items, lambda rec: render(BYTES, rec, cfg, Counter()), cfg, Counter())
-    assert str(e.value.code).startswith("chat.jsonl:7: ") and message in str(e.value.code), e.value.code
+    with pytest.raises(chat_data.DataError) as e:  # prepare.py prints it and exits non-zero
+        list(chat_data.rendered(items, lambda rec: render(BYTES, rec, cfg, Counter()), cfg, Counter()))
+    assert str(e.value).startswith("chat.jsonl:7: ") and message in str(e.value), e.value
     skipped = Counter()
-    out = chat_data.render_all(items, lambda rec: render(BYTES, rec, cfg, Counter()), {**cfg, "on_error": "skip"},
-                               skipped)
-    assert out == [] and sum(skipped.values()) == 1
+    out = chat_data.rendered(items, lambda rec: render(BYTES, rec, cfg, Counter()), {**cfg, "on_error": "skip"},
+                             skipped)
+    assert list(out) == [] and sum(skipped.values()) == 1
 
 
-def test_truncate_keeps_the_longest_prefix_of_whole_turns_that_fits():
+def test_too_long_conversations_truncate_drop_or_stop():
     msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2 " * 60}]
-    notes, cfg = Counter(), {"block_size": 100, "truncate": True}
+    notes, cfg = Counter(), {"block_size": 100, "too_long": "truncate"}
     ids, mask = chat_data.render_sft(BYTES, msgs, cfg, notes)
     assert BYTES.decode(ids) == "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
     assert notes["truncated"] == 1
-    with pytest.raises(ValueError, match="truncate=True keeps"):
-        chat_data.render_sft(BYTES, msgs, {**cfg, "truncate": False}, notes)
+    with pytest.raises(ValueError, match="too_long='truncate' keeps the turns that fit"):
+        chat_data.render_sft(BYTES, msgs, {**cfg, "too_long": "error"}, notes)
     with pytest.raises(ValueError, match="longer than block_size"):  # not even the first exchange fits
         chat_data.render_sft(BYTES, msgs, {**cfg, "block_size": 10}, notes)
+    assert chat_data.render_sft(BYTES, msgs, {**cfg, "too_long": "drop"}, notes) is None and notes["dropped"] == 1
 
 
 def test_chat_sources_read_line_separators_a_bom_and_count_bad_bytes(tmp_path):

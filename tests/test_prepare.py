@@ -181,24 +181,24 @@ def test_minhash_agreement_estimates_jaccard():
 
 def test_mix_plan_formula():
     sizes = {"a": 100.0, "b": 900.0}
-    e = prepare.mix_plan(sizes, {}, 1.0, 1000)
+    e = sources.mix_plan(sizes, {}, 1.0, 1000)
     assert e == pytest.approx({"a": 1.0, "b": 1.0})
-    e = prepare.mix_plan(sizes, {"a": 3.0}, 2.0, 1000)  # p ~ w * n^(1/2): 30 vs 30 -> half each
+    e = sources.mix_plan(sizes, {"a": 3.0}, 2.0, 1000)  # p ~ w * n^(1/2): 30 vs 30 -> half each
     assert e == pytest.approx({"a": 5.0, "b": 500 / 900})
 
 
 def test_mix_repeats_realize_epochs():
     rng = np.random.default_rng(0)
     epochs = np.r_[np.full(200, 2.5), np.full(2000, 0.3)]
-    reps = prepare.mix_repeats(epochs, rng.random(2200))
+    reps = sources.mix_repeats(epochs, rng.random(2200))
     assert set(reps[:200]) == {2, 3} and set(reps[200:]) == {0, 1}
     assert reps[:200].sum() == pytest.approx(500, abs=25) and reps[200:].sum() == pytest.approx(600, abs=40)
 
 
 def test_hashed_fraction_is_deterministic_and_uniform():
     x = np.arange(100_000, dtype=np.uint64)
-    u = prepare.hashed_fraction(x, 7)
-    assert np.array_equal(u, prepare.hashed_fraction(x, 7)) and not np.array_equal(u, prepare.hashed_fraction(x, 8))
+    u = sources.hashed_fraction(x, 7)
+    assert np.array_equal(u, sources.hashed_fraction(x, 7)) and not np.array_equal(u, sources.hashed_fraction(x, 8))
     assert 0 <= u.min() and u.max() < 1
     assert np.histogram(u, bins=10, range=(0, 1))[0] == pytest.approx(np.full(10, 10_000), rel=0.05)
 

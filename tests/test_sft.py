@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import chat_data
 import train
-from conftest import read_metrics, run_script, write_pretrain_data
+from conftest import read_metrics, run_script, write_pretrain_data, write_sft_split
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, render_chat
 
@@ -134,7 +134,7 @@ def test_loss_is_the_mean_over_all_assistant_tokens_of_the_step(tmp_path):
     renders = [render_chat(ENC, chat_data.to_messages(rec)) for rec in (short, long)]
     data.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        chat_data.write_sft_split(renders, data, split)
+        write_sft_split(renders, data, split)
     (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
     cfg = {**train.defaults, "mode": "sft", "dataset": "two", "data_root": str(tmp_path / "data"),
@@ -162,7 +162,7 @@ def write_task_sft(tmp_path):
     examples = tasks.make_examples(24, "train", seed=0, tasks=("add", "count_words"))
     renders = [render_chat(ENC, ex["messages"]) for ex in examples]
     for split in ("train", "val"):
-        chat_data.write_sft_split(renders, data, split)
+        write_sft_split(renders, data, split)
     (data / "meta.json").write_text(json.dumps({"kind": "sft", "vocab_size": 260, "tokenizer": {"kind": "bytes"},
                                                 "special_tokens": {"<|pad|>": 259}}))
     write_pretrain_data(tmp_path / "data" / "pre")  # bytes: the same tokenizer, for replay
