@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 124M recipe end to end on one GPU node, from download to report:
 #   download -> pretraining data -> pretrain -> chat data -> SFT -> preference data -> DPO -> evaluate
-#   every stage (bits per byte, the standard benchmarks) -> the comparison table and chart.
+#   every stage (bits per byte, the verifiable tasks, the standard benchmarks) -> the table and chart.
 #   bash recipe.sh                  # NPROC=8 GPUs; each stage skips what is already complete, so a rerun
 #                                   # after a failure picks up where it stopped
 # The arithmetic, per config (each file's comments): pretraining 2.6B tokens of ClimbMix, 5,000 steps
@@ -50,6 +50,6 @@ prepare data/dpo "$root"/config/data/ultrafeedback.py ${DPO_DATA_ARGS:-}
 step "7/8 DPO"
 train out/dpo "$root"/config/dpo.py ${DPO_ARGS:-}
 
-step "8/8 evaluate every stage: bits per byte, the benchmarks; the table and compare.png"
-"$py" "$root/evaluate.py" "--compare=['out/pretrain', 'out/sft', 'out/dpo']" --data=data/pretrain --mc_n=0 --tasks_n=0 \
-  --samples_n=0 "--benchmarks=$BENCHMARKS" --benchmarks_dir=data/raw --reuse=True ${EVAL_ARGS:-}
+step "8/8 evaluate every stage: bits per byte, the verifiable tasks, the benchmarks; the table and compare.png"
+"$py" "$root/evaluate.py" "--compare=['out/pretrain', 'out/sft', 'out/dpo']" --data=data/pretrain --mc_n=0 \
+  --tasks_n=220 --samples_n=0 "--benchmarks=$BENCHMARKS" --benchmarks_dir=data/raw --reuse=True ${EVAL_ARGS:-}

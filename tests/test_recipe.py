@@ -65,7 +65,7 @@ TINY = {"PRETRAIN_DATA_ARGS": "--tokenizer=bpe --vocab_size=640 --tokenizer_trai
         "DPO_DATA_ARGS": "--block_size=512 --val_fraction=0.1",
         "DPO_ARGS": "--block_size=512 --batch_size=2 --gradient_accumulation_steps=1 --max_iters=6 --eval_interval=3 "
                     "--eval_iters=1",
-        "EVAL_ARGS": "--benchmark_n=3 --max_tokens=20000"}
+        "EVAL_ARGS": "--benchmark_n=3 --max_tokens=20000 --tasks_n=11"}
 
 
 def recipe(tmp_path, url, **override):
@@ -99,7 +99,7 @@ def test_the_recipe_runs_from_download_to_report_and_a_rerun_picks_up_where_it_s
     assert meta["low_margin"] == 10 and meta["train_pairs"] + meta["val_pairs"] == 20  # margin 0 out, of 30
     assert json.loads((run / "out" / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])["iter"] == 6
     table = r.stdout[r.stdout.index("out/pretrain         out/sft"):]
-    for row in ("val bits/byte", "hellaswag acc_norm", "arc_challenge acc", "mmlu acc", "gsm8k exact match, strict",
+    for row in ("val bits/byte", "task exact match, greedy", "hellaswag acc_norm", "arc_challenge acc", "mmlu acc", "gsm8k exact match, strict",
                 "gsm8k_chat exact match, strict", "reward accuracy, held-out pairs"):
         assert row in table, row
     assert (run / "compare.png").is_file()
