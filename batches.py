@@ -5,17 +5,22 @@ format), one class per kind of data, each checking its files before a step is ta
   PretrainBatches    random windows of a flat uint16 token stream (train.bin, val.bin)
   SFTBatches         whole chat examples packed into rows, the loss only on the assistant's tokens
   PreferenceBatches  pairs of a prompt with a chosen and a rejected reply
+  RewardBatches      the same pairs, whole, for a reward model
+  TaskPrompts        prompts of the verifiable tasks (tasks.py) with their answers, for RL
 
 Every problem with the files raises DatasetError naming the file; train.py reports it and stops.
 """
 import json
 import os
+import random
 import sys
 
 import numpy as np
 import torch
 
+import tasks
 from model import doc_ids_from_eot
+from tokenizer import load_tokenizer, render_chat
 
 
 class DatasetError(Exception):
@@ -181,6 +186,7 @@ class PreferenceBatches(Batches):
     offsets). A batch of n pairs is 2n rows, the n chosen sequences then the n rejected ones, each the
     prompt followed by its completion, padded to the longest; only completion tokens are targets."""
     kind = "dpo"
+    shift = 1  # a row is its sequence but the last token (the inputs of next-token targets)
 
     def __init__(self, data_dir, cfg, scanned_files):
         self.meta = read_meta(data_dir, self.kind)
@@ -202,9 +208,9 @@ class PreferenceBatches(Batches):
             check_count(self.meta, f"{split}_tokens", len(tokens), data_dir)
             p, c, r, e = spans.T
             longest = int(np.maximum(r - p, (c - p) + (e - r)).max())  # prompt + the longer completion
-            if longest - 1 > cfg["block_size"]:
+            if longest - self.shift > cfg["block_size"]:
                 raise DatasetError(f"'{data_dir}/{split}' has a pair of {longest} tokens: raise block_size "
-                                   f"to {longest - 1}")
+                                   f"to {longest - self.shift}")
             self.splits[split] = (tokens, spans)
         check_ids(data_dir, self.meta, scanned_files)
 
@@ -213,14 +219,21 @@ class PreferenceBatches(Batches):
         return batch["n_pairs"]
 
     def get(self, split, n, generator):
+        return self.batch(split, torch.randint(len(self.splits[split][1]), (n,), generator=generator).tolist())
+
+    def pairs(self, split, ids):
+        """The pairs ids of a split as (prompt, completion) arrays: the chosen ones, then the rejected ones."""
         tokens, spans = self.splits[split]
         chosen, rejected = [], []
-        for j in torch.randint(len(spans), (n,), generator=generator).tolist():
+        for j in ids:
             p, c, r, e = spans[j]
             prompt = tokens[p:c].astype(np.int64)
             chosen.append((prompt, tokens[c:r].astype(np.int64)))
             rejected.append((prompt, tokens[r:e].astype(np.int64)))
-        seqs = chosen + rejected
+        return chosen + rejected
+
+    def batch(self, split, ids):
+        seqs, n = self.pairs(split, ids), len(ids)
         T = max(len(a) + len(b) for a, b in seqs) - 1
         idx = torch.full((2 * n, T), self.pad, dtype=torch.long)
         targets = torch.full((2 * n, T), -100, dtype=torch.long)
@@ -231,9 +244,57 @@ class PreferenceBatches(Batches):
         return {"idx": idx, "targets": targets, "n_pairs": torch.tensor(n)}
 
 
+class RewardBatches(PreferenceBatches):
+    """The preference pairs for a reward model: each row a whole sequence (prompt and reply), padded,
+    and 'last', the position of its reply's last token, where the reward is read."""
+    shift = 0
+
+    def batch(self, split, ids):
+        seqs, n = [np.concatenate(pair) for pair in self.pairs(split, ids)], len(ids)
+        idx = torch.full((2 * n, max(map(len, seqs))), self.pad, dtype=torch.long)
+        for i, t in enumerate(seqs):
+            idx[i, :len(t)] = torch.from_numpy(t)
+        return {"idx": idx, "last": torch.tensor([len(t) - 1 for t in seqs]), "n_pairs": torch.tensor(n)}
+
+
+class TaskPrompts(Batches):
+    """Prompts of the verifiable tasks (tasks.py) with their answers, for RL: 'train' prompts from the
+    tasks' train split, 'val' from their held-out val split, in the chat template of the policy's own
+    tokenizer (the checkpoint's: RL reads no dataset). Each prompt comes from a seed drawn by the run's
+    sampler (or the evaluation's generator); the seed also draws the prompt's sampled replies, so a
+    prompt and its replies are the same whichever process takes them. A batch of n prompts counts
+    n * samples loss terms: one per reply."""
+    kind = "rl"
+
+    def __init__(self, cfg, ckpt):
+        self.meta = {"kind": self.kind, "vocab_size": ckpt["model_config"]["vocab_size"], "tokenizer": ckpt["tokenizer"]}
+        self.enc = load_tokenizer(ckpt["tokenizer"])
+        for name in ("<|im_start|>", "<|im_end|>", "<|pad|>"):
+            if name not in self.enc.special_tokens_set:
+                raise DatasetError(f"the checkpoint's tokenizer has no '{name}': mode='rl' starts from a chat "
+                                   f"(SFT) checkpoint")
+        self.end, self.pad = self.enc.encode_single_token("<|im_end|>"), self.enc.encode_single_token("<|pad|>")
+        self.tasks, self.samples = tuple(cfg["rl_tasks"] or tasks.TASKS), cfg["rl_samples"]
+
+    def count(self, batch):
+        return torch.tensor(len(batch["prompts"]) * self.samples)
+
+    def get(self, split, n, generator):
+        seeds = torch.randint(2**62, (n,), generator=generator)
+        prompts, answers = [], []
+        for seed in seeds.tolist():
+            rng = random.Random(seed)
+            prompt, answer = tasks.TASKS[self.tasks[rng.randrange(len(self.tasks))]](rng, split)
+            prompts.append(render_chat(self.enc, [{"role": "user", "content": prompt}], generation_prompt=True)[0])
+            answers.append(answer)
+        return {"prompts": prompts, "answers": answers, "seeds": seeds}
+
+
 def to_device(batch, device):
+    """The batch's tensors on the device (lists, as RL's prompts, stay as they are)."""
     pin = device.startswith("cuda")
-    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) for k, v in batch.items()}
+    return {k: v if not torch.is_tensor(v) else v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)
+            for k, v in batch.items()}
 
 # ----------------------------------------------------------------------------- checking a dataset's files
 

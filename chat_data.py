@@ -104,7 +104,7 @@ def to_pair(record, min_score_margin=0.0):
     conversational form (prompt a message list, chosen and rejected one-assistant-message lists); or
     chosen and rejected as whole conversations that share their turns before the reply, as UltraFeedback's
     (the prompt field, if a string, must be that shared user turn). With score_chosen and score_rejected,
-    a pair whose margin is below min_score_margin raises LowMargin."""
+    a pair whose margin is below min_score_margin, or not above 0 (a tie is no preference), raises LowMargin."""
     if not isinstance(record, dict):
         raise ValueError(f"a preference record must be an object, not {type(record).__name__}")
     for key in ("prompt", "chosen", "rejected"):
@@ -128,8 +128,11 @@ def to_pair(record, min_score_margin=0.0):
         replies.append(reply)
     if replies[0] == replies[1]:
         raise ValueError("the chosen and rejected replies are the same: the pair teaches nothing")
-    if min_score_margin and record.get("score_chosen") is not None and record.get("score_rejected") is not None:
-        if record["score_chosen"] - record["score_rejected"] < min_score_margin:
+    if record.get("score_chosen") is not None and record.get("score_rejected") is not None:
+        if not all(isinstance(record[k], (int, float)) for k in ("score_chosen", "score_rejected")):
+            raise ValueError("'score_chosen' and 'score_rejected' must be numbers")
+        margin = record["score_chosen"] - record["score_rejected"]
+        if margin <= 0 or margin < min_score_margin:
             raise LowMargin
     return msgs, replies[0], replies[1]
 

@@ -8,6 +8,7 @@ table and writes out_dir/eval.json.
     python evaluate.py --out_dir=out/tiny --mc_file=hellaswag_val.jsonl --tasks_n=0
     python evaluate.py "--compare=['out/tiny', 'out/sft_tiny', 'out/dpo_tiny']"   # stages side by side
     python evaluate.py --out_dir=out/pretrain "--benchmarks=['hellaswag', 'arc_easy', 'mmlu']" --benchmark_n=500
+    python evaluate.py --out_dir=out/rm_tiny --pairs=data/dpo_demo   # a reward model: accuracy on held-out pairs
     python evaluate.py "--plot=['out/tiny', 'out/dpo_tiny']"       # loss curves to out/*/curves.png
 """
 import json
@@ -24,6 +25,7 @@ import benchmarks
 import tasks
 from configurator import NON_NEGATIVE, configure, one_of, require
 import checkpoint
+from batches import DatasetError, RewardBatches
 from parallel import DTYPES, autocast_context
 from tokenizer import chat_replies, render_chat
 
@@ -41,6 +43,8 @@ defaults = dict(
     benchmarks_dir="data/raw",  # where prepare.py --download=NAME put them: DIR/NAME/<published path>
     benchmark_n=0,              # at most this many items per benchmark (MMLU: per subject); 0 = all
     batch_tokens=16384,         # tokens per forward pass when scoring the benchmarks' choices
+    pairs="",                   # a reward model (train.py mode='rm'): a preference dataset (prepare.py --kind=dpo)
+                                # whose val pairs it scores: accuracy and margin; it is measured on nothing else
     compare=[],                 # out_dirs of successive stages: evaluate each, print them side by side
     compare_png="compare.png",  # --compare also draws the stages side by side here ('' = no chart)
     reuse=False,                # --compare: take a stage's eval.json if it was made with these settings from
@@ -108,6 +112,24 @@ def multiple_choice(model, enc, items, device):
     return {"mc_acc": hit / len(items), "mc_acc_norm": hit_norm / len(items), "mc_n": len(items)}
 
 
+@torch.no_grad()
+def pair_accuracy(model, data_dir, device, batch_pairs=32):
+    """A reward model on every val pair of a prepared preference dataset: the share it ranks the chosen
+    reply above the rejected one, and the mean margin r(chosen) - r(rejected)."""
+    try:
+        pairs = RewardBatches(data_dir, {"block_size": model.config.block_size}, {})
+    except DatasetError as e:
+        sys.exit(str(e))
+    n = len(pairs.splits["val"][1])
+    margins = []
+    for start in range(0, n, batch_pairs):
+        ids = list(range(start, min(n, start + batch_pairs)))
+        batch = pairs.batch("val", ids)
+        r = model(batch["idx"].to(device), reward_at=batch["last"].to(device))[0].float()
+        margins += (r[:len(ids)] - r[len(ids):]).tolist()
+    return {"pair_n": n, "pair_accuracy": sum(m > 0 for m in margins) / n, "pair_margin": sum(margins) / n}
+
+
 def read_choices(path):
     items = []
     if not os.path.isfile(path):
@@ -158,7 +180,7 @@ class Progress:
         print(f"[{self.name}] {what} ({time.time() - self.t0:.0f} s)", file=sys.stderr, flush=True)
 
 
-SETTINGS = ("data", "max_tokens", "mc_file", "mc_n", "tasks_n", "tasks", "tasks_split", "samples_n", "temperature",
+SETTINGS = ("pairs", "data", "max_tokens", "mc_file", "mc_n", "tasks_n", "tasks", "tasks_split", "samples_n", "temperature",
             "seed", "dtype", "benchmarks", "benchmarks_dir", "benchmark_n")  # what an eval.json's figures depend on
 
 
@@ -196,8 +218,14 @@ def evaluate(cfg):
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     results, t0 = {"checkpoint": cfg["out_dir"], "mode": ckpt.get("config", {}).get("mode")}, time.time()
+    if model.config.reward_head != bool(cfg["pairs"]):
+        sys.exit(f"'{cfg['out_dir']}' is a reward model: give --pairs=DIR, a preference dataset" if cfg["pairs"] == ""
+                 else f"--pairs scores a reward model (train.py mode='rm'); '{cfg['out_dir']}' is a policy")
     with ctx:
-        if cfg["data"]:
+        if cfg["pairs"]:
+            say("reward model accuracy on held-out pairs")
+            results.update(pair_accuracy(model, cfg["pairs"], device))
+        elif cfg["data"]:
             say("bits per byte on held-out text")
             val = os.path.join(cfg["data"], "val.bin")
             if not os.path.isfile(val):

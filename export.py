@@ -136,6 +136,8 @@ def to_hf_weights(model):
     ValueError naming every parameter that has no Llama name: a part added to the model is refused
     until it is mapped here, never silently left out of the export."""
     c, sd = model.config, dict(model.state_dict())
+    if c.reward_head:
+        raise ValueError("it is a reward model (train.py mode='rm'): a scalar head has no LlamaForCausalLM form")
     out = {"model.embed_tokens.weight": sd.pop("wte.weight")}
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."

@@ -32,6 +32,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     tie_embeddings: bool = True
+    reward_head: bool = False  # a scalar head beside the output head: a reward model (train.py mode='rm')
 
     def __post_init__(self):
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -194,6 +195,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if config.reward_head:
+            self.reward_head = nn.Linear(config.n_embd, 1, bias=False)
         head_dim = config.n_embd // config.n_head
         self.register_buffer("cos", torch.empty(config.block_size, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(config.block_size, head_dim // 2), persistent=False)
@@ -228,9 +231,11 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
-    def forward(self, idx, targets=None, doc_ids=None, cache=None, reduction="mean"):
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, reduction="mean", reward_at=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = ignore), the loss.
-        doc_ids (B, T) restricts attention to each position's own document (packed sequences)."""
+        doc_ids (B, T) restricts attention to each position's own document (packed sequences).
+        A reward model, given reward_at (B,) positions, returns instead each row's scalar reward read
+        there (the reply's last token), and None."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -246,7 +251,10 @@ class GPT(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if reward_at is not None:
+            return self.reward_head(x[torch.arange(B, device=x.device), reward_at]).squeeze(-1), None
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

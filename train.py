@@ -4,6 +4,9 @@ One training loop for every stage. A mode is its data (a batch source from batch
     pretrain   next-token prediction on token memmaps
     sft        next-token prediction on the assistant's tokens of chat examples
     dpo        the DPO family's losses on preference pairs, against a frozen reference model
+    rm         a reward model: a scalar head trained on preference pairs with the Bradley-Terry loss
+    rl         on-policy RL: sampled replies scored by the tasks' checkers (or a reward model), a
+               policy-gradient step with group-relative advantages and a KL penalty to a frozen reference
 
     python train.py config/pretrain_tiny.py                        # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train.py config/pretrain.py        # DDP on one node
@@ -16,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from types import SimpleNamespace
 
 import torch
@@ -26,11 +29,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import parallel
-from batches import DatasetError, PreferenceBatches, PretrainBatches, SFTBatches, to_device
+import tasks
+from batches import DatasetError, PreferenceBatches, PretrainBatches, RewardBatches, SFTBatches, TaskPrompts, to_device
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, require
 from model import GPT, GPTConfig
 from optim import configure_optimizer
-from tokenizer import inline_spec
+from tokenizer import decode_reply, inline_spec
 
 defaults = dict(
     # I/O
@@ -87,6 +91,15 @@ defaults = dict(
     orpo_lambda=0.1,            # orpo: weight of the odds-ratio term
     ref_from="",                # reference checkpoint; '' = the run's first init_from
     rpo_alpha=0.0,              # adds rpo_alpha * the chosen reply's NLL per token (RPO; TRL's rpo_alpha)
+    # mode='rl': batch_size prompts of the verifiable tasks per micro-batch, rl_samples replies each, scored
+    # and followed by a policy-gradient step with a KL penalty of weight beta to the reference (ref_from)
+    rl_tasks=[],                # names in tasks.TASKS whose train-split prompts are drawn ([] = all)
+    rl_samples=8,               # replies per prompt: each reply's advantage is against its group's others
+    rl_temperature=1.0,
+    rl_max_new_tokens=64,
+    rl_advantage="rloo",        # 'rloo' | 'grpo': see group_advantages
+    task_reward=True,           # the tasks' checker: 1 for the exact answer, else 0
+    reward_model="",            # a mode='rm' checkpoint: its score is added to the reward
     # system
     device="cuda" if torch.cuda.is_available() else "cpu",
     dtype="auto",               # 'bfloat16' autocast, 'float32', or 'auto': bfloat16 where the hardware has it
@@ -98,7 +111,8 @@ defaults = dict(
 )
 
 
-MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the vocabulary is the data's
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig)
+                   if f.name not in ("vocab_size", "reward_head"))  # the data's vocabulary; the mode's head
 defaults = {**{f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS}, **defaults}
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")  # mode='dpo': see preference_loss
 REFERENCE_FREE = ("simpo", "orpo")
@@ -114,11 +128,15 @@ def next_token_loss(model, batch):
     return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1], {}
 
 
+def token_logps(logits, targets):
+    """The log-probability of each target token (B, T); 0 where there is none (-100)."""
+    logp = torch.gather(logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
+    return logp * (targets != -100)
+
+
 def sequence_logps(logits, targets):
     """Per row: the summed log-probability of its targets, and how many there are (-100 = none)."""
-    mask = targets != -100
-    logp = torch.gather(logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
-    return (logp * mask).sum(-1), mask.sum(-1)
+    return token_logps(logits, targets).sum(-1), (targets != -100).sum(-1)
 
 
 def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
@@ -180,26 +198,148 @@ class DPOLoss:
                  "logps/chosen": logps[:n].sum(), "logps/rejected": logps[n:].sum()}
         return losses.sum(), {k: v.detach() for k, v in stats.items()}
 
+
+def reward_model_loss(model, batch):
+    """Bradley-Terry (Ouyang et al. 2022): -log sigma(r(x, y_w) - r(x, y_l)) summed over the pairs, r the
+    reward head read at each reply's last token; with the pairs' accuracy and margin, as TRL logs them."""
+    n = batch["idx"].size(0) // 2
+    r = model(batch["idx"], reward_at=batch["last"])[0].float()
+    r_c, r_r = r[:n], r[n:]
+    stats = {"rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(), "rewards/accuracies": (r_c > r_r).float().sum(),
+             "rewards/margins": (r_c - r_r).sum()}
+    return -F.logsigmoid(r_c - r_r).sum(), {k: v.detach() for k, v in stats.items()}
+
+
+def group_advantages(rewards, kind):
+    """rewards (prompts, G replies each) -> each reply's advantage against its own prompt's replies:
+      rloo: r_i - mean_{j != i} r_j                 (REINFORCE leave-one-out, Ahmadian et al. 2024)
+      grpo: (r_i - mean_j r_j) / (std_j r_j + 1e-4)  (GRPO, Shao et al. 2024)
+    The group is the baseline: no value network. A group whose replies score alike teaches nothing."""
+    G = rewards.size(1)
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred * G / (G - 1) if kind == "rloo" else centred / (rewards.std(1, keepdim=True) + 1e-4)
+
+
+def policy_gradient_loss(logps, ref_logps, mask, advantages, beta):
+    """Per reply, from its tokens' log-probs (replies, T; mask: 1 on the reply's tokens) under the policy
+    pi and the frozen reference: -A * sum_t log pi(y_t) + beta * sum_t KL_t, with KL_t = e^(ref_t - pi_t) -
+    (ref_t - pi_t) - 1 (Schulman's k3: on tokens sampled from pi, an unbiased and never negative
+    estimate of KL(pi || ref) per token). The first term's gradient is REINFORCE's, A * grad log pi(y):
+    each batch of replies serves one update, on-policy, so PPO's ratio to the sampling policy is 1 and
+    its clip never acts. Returns the per-reply losses and KLs."""
+    delta = ref_logps - logps
+    kl = ((torch.exp(delta) - delta - 1) * mask).sum(-1)
+    return -advantages * (logps * mask).sum(-1) + beta * kl, kl
+
+
+class RLLoss:
+    """mode='rl': for each prompt of the batch, rl_samples replies sampled from the current policy (with
+    the KV cache, from the prompt's own seed), scored by the tasks' checker and/or a reward model, then
+    policy_gradient_loss summed over the replies, with the mean reward, KL, reply length and pass@1 (the
+    share of sampled replies the checker accepts). Replies are generated under no_grad in eval mode,
+    then scored again with gradients by the (DDP-wrapped) model: one forward per micro-batch."""
+
+    def __init__(self, cfg, batches, reference, reward_model):
+        self.cfg, self.batches, self.reference, self.reward_model = cfg, batches, reference, reward_model
+
+    @torch.no_grad()
+    def rollout(self, policy, batch):
+        """(prompt, reply) token lists, rl_samples per prompt; a reply ends with <|im_end|> or at the cap."""
+        cfg, end = self.cfg, self.batches.end
+        raw = getattr(policy, "module", policy)  # sampling is no training step: past DDP's wrapper
+        was_training = raw.training
+        raw.eval()
+        seqs = []
+        for prompt, seed in zip(batch["prompts"], batch["seeds"].tolist()):
+            room = min(cfg["rl_max_new_tokens"], raw.config.block_size - len(prompt))
+            if room < 1:
+                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room to reply in block_size "
+                                 f"{raw.config.block_size}")
+            device = next(raw.parameters()).device
+            x = torch.tensor([prompt] * cfg["rl_samples"], device=device)
+            g = torch.Generator(device=device).manual_seed(seed)
+            out = raw.generate(x, room, cfg["rl_temperature"], stop_tokens=(end,), generator=g)
+            for row in out[:, len(prompt):].tolist():
+                seqs.append((prompt, row[:row.index(end) + 1] if end in row else row))
+        raw.train(was_training)
+        return seqs
+
+    def rewards(self, seqs, answers):
+        """The tasks' verdict (1 or 0) per reply, and the reward: that verdict and/or the reward model's score."""
+        G, enc, end = self.cfg["rl_samples"], self.batches.enc, self.batches.end
+        passed = torch.tensor([float(tasks.check(answers[i // G], decode_reply(enc, reply, end)))
+                               for i, (_, reply) in enumerate(seqs)])
+        reward = passed.clone() if self.cfg["task_reward"] else torch.zeros(len(seqs))
+        if self.reward_model is not None:
+            whole = [p + r for p, r in seqs]
+            idx = torch.full((len(whole), max(map(len, whole))), self.batches.pad, dtype=torch.long)
+            for i, t in enumerate(whole):
+                idx[i, :len(t)] = torch.tensor(t)
+            last = torch.tensor([len(t) - 1 for t in whole])
+            device = next(self.reward_model.parameters()).device
+            with torch.no_grad():
+                reward += self.reward_model(idx.to(device), reward_at=last.to(device))[0].float().cpu()
+        return passed, reward
+
+    def __call__(self, model, batch):
+        seqs = self.rollout(model, batch)
+        passed, reward = self.rewards(seqs, batch["answers"])
+        T = max(len(p) + len(r) for p, r in seqs) - 1
+        idx = torch.full((len(seqs), T), self.batches.pad, dtype=torch.long)
+        targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for i, (prompt, reply) in enumerate(seqs):
+            t = torch.tensor(prompt + reply)
+            idx[i, :len(t) - 1] = t[:-1]
+            targets[i, len(prompt) - 1:len(t) - 1] = t[len(prompt):]  # the reply's tokens only
+        device = batch["seeds"].device
+        idx, targets = idx.to(device), targets.to(device)
+        logps = token_logps(model(idx)[0], targets)
+        with torch.no_grad():
+            ref_logps = token_logps(self.reference(idx)[0], targets)
+        advantages = group_advantages(reward.view(-1, self.cfg["rl_samples"]), self.cfg["rl_advantage"]).view(-1)
+        mask = targets != -100
+        losses, kl = policy_gradient_loss(logps, ref_logps, mask, advantages.to(device), self.cfg["beta"])
+        stats = {"reward": reward.sum(), "kl": kl.detach().sum(), "reply_tokens": mask.sum().float(),
+                 "pass@1": passed.sum()}
+        return losses.sum(), {k: v.to(device) for k, v in stats.items()}
+
 # ----------------------------------------------------------------------------- the modes
-# A new mode (KTO, a reward model) is a Batches subclass in batches.py if its data differs, a loss above,
-# a line in MODES and a branch in mode_loss.
+# A new mode (KTO, say) is a Batches subclass in batches.py if its data differs, a loss above, a line
+# in MODES and a branch in mode_loss.
 
 
-MODES = {"pretrain": PretrainBatches, "sft": SFTBatches, "dpo": PreferenceBatches}  # mode: its batch source
+MODES = {"pretrain": PretrainBatches, "sft": SFTBatches, "dpo": PreferenceBatches, "rm": RewardBatches,
+         "rl": TaskPrompts}  # mode: its batch source
 
 
-def mode_loss(cfg, device):
+def frozen(path, device, what):
+    """A checkpoint's model, in eval mode and without gradients: a reference policy or a reward model."""
+    if path in ("scratch", "resume"):
+        raise ValueError(f"mode='{what}' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
+    return checkpoint.load_model(path, device)[0].requires_grad_(False)
+
+
+def mode_loss(cfg, device, batches):
     """The loss of cfg's mode: next-token prediction for pretraining and SFT (whose batches mark what is
-    not predicted with -100); for DPO the preference loss against the frozen model of ref_from. ValueError
-    if that model cannot be loaded."""
-    if cfg["mode"] != "dpo":
+    not predicted with -100); for DPO the preference loss against the frozen model of ref_from; for a
+    reward model Bradley-Terry; for RL the policy gradient against the reference, rewarded by the tasks
+    and/or a reward model. ValueError if a model it needs cannot be loaded or does not fit."""
+    mode = cfg["mode"]
+    if mode in ("pretrain", "sft"):
         return next_token_loss
-    if cfg["loss_type"] in REFERENCE_FREE:
-        return DPOLoss(cfg, None)
-    if cfg["ref_from"] in ("scratch", "resume"):
-        raise ValueError("mode='dpo' needs init_from (or ref_from) to name the SFT checkpoint: the reference policy")
-    reference = checkpoint.load_model(cfg["ref_from"], device)[0]  # in eval mode
-    return DPOLoss(cfg, reference.requires_grad_(False))
+    if mode == "rm":
+        return reward_model_loss
+    if mode == "dpo":
+        return DPOLoss(cfg, None if cfg["loss_type"] in REFERENCE_FREE else frozen(cfg["ref_from"], device, mode))
+    reward_model = None
+    if cfg["reward_model"]:
+        reward_model, _, ckpt = checkpoint.load_model(cfg["reward_model"], device)
+        if not reward_model.config.reward_head:
+            raise ValueError(f"reward_model '{cfg['reward_model']}' is not a reward model (train one with mode='rm')")
+        if ckpt["tokenizer"] != batches.meta["tokenizer"]:
+            raise ValueError(f"reward_model '{cfg['reward_model']}' has another tokenizer than the policy")
+        reward_model.requires_grad_(False)
+    return RLLoss(cfg, batches, frozen(cfg["ref_from"], device, mode), reward_model)
 
 # ----------------------------------------------------------------------------- set-up
 
@@ -229,10 +369,13 @@ def check_config(cfg, world):
         "warmup_iters": (lambda v: v >= -1, ">= 0, or -1 for 1% of max_iters"),
         "min_lr": (lambda v: v == -1 or 0 <= v <= cfg["learning_rate"], "in [0, learning_rate], or -1 for 10% of it"),
         "grad_clip": (lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"), "spike_factor": NON_NEGATIVE,
-        "beta": POSITIVE, "rpo_alpha": NON_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+        "beta": (lambda v: v > 0 or (v == 0 and cfg["mode"] == "rl"), "> 0 (mode='rl': >= 0; 0 = no KL penalty)"),
+        "rpo_alpha": NON_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
         "simpo_gamma": (math.isfinite, "finite"), "orpo_lambda": NON_NEGATIVE,
         "dtype": one_of(*parallel.DTYPES), "peak_flops": NON_NEGATIVE, "dist_timeout": POSITIVE,
         "init_from": NOT_EMPTY, "parallel": one_of("ddp", "fsdp"), "replay": unit,
+        "rl_tasks": tasks.NAMES_RULE, "rl_samples": (lambda v: v >= 2, ">= 2: a reply is judged against the others"),
+        "rl_temperature": POSITIVE, "rl_max_new_tokens": AT_LEAST_1, "rl_advantage": one_of("rloo", "grpo"),
     })
     try:
         GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
@@ -246,6 +389,11 @@ def check_config(cfg, world):
     if cfg["replay"] > 0 and (cfg["mode"] != "sft" or not cfg["replay_dataset"]):
         fail(f"replay={cfg['replay']} mixes pretraining windows into SFT: it needs mode='sft' and a "
              f"replay_dataset (a pretraining dataset under data_root)")
+    if cfg["mode"] == "rl" and not (cfg["task_reward"] or cfg["reward_model"]):
+        fail("mode='rl' needs a reward: task_reward=True, a reward_model, or both")
+    if cfg["mode"] == "rl" and world > 1 and cfg["parallel"] == "fsdp":
+        fail("mode='rl' samples each process's own prompts, which FSDP's collective forwards cannot: use "
+             "parallel='ddp'")
     if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "muon":
         fail("optimizer='muon' orthogonalizes whole matrices, which parallel='fsdp' splits over the processes: "
              "use optimizer='adamw' with FSDP, or parallel='ddp'")
@@ -255,7 +403,8 @@ def model_config(cfg, vocab_size, ckpt):
     """The architecture: from the config when training from scratch, else the checkpoint's."""
     if ckpt is None:
         # round the vocabulary up to a multiple of 64 for faster matmuls; the extra rows are never targets
-        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), **{k: cfg[k] for k in MODEL_KEYS})
+        return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), reward_head=cfg["mode"] == "rm",
+                         **{k: cfg[k] for k in MODEL_KEYS})
     if cfg["init_from"] == "resume":  # the run must go on as it was configured (dropout may change)
         saved = {**ckpt["model_config"], **ckpt["config"]}  # the run's settings, or its model's for a key it lacks
         diff = [f"{k}={cfg[k]} here but {saved[k]} in the checkpoint" for k in MODEL_KEYS
@@ -266,7 +415,10 @@ def model_config(cfg, vocab_size, ckpt):
         fail(f"block_size={cfg['block_size']} exceeds the checkpoint's {ckpt['model_config']['block_size']}")
     if vocab_size > ckpt["model_config"]["vocab_size"]:
         fail(f"the data's vocab_size {vocab_size} exceeds the checkpoint's {ckpt['model_config']['vocab_size']}")
-    return checkpoint.model_config(ckpt, cfg["dropout"])
+    config = checkpoint.model_config(ckpt, cfg["dropout"])
+    if config.reward_head and cfg["mode"] != "rm":
+        fail(f"'{cfg['init_from']}' is a reward model: only mode='rm' trains it further")
+    return replace(config, reward_head=cfg["mode"] == "rm")  # a reward model starts from a policy
 
 
 def set_up(cfg):
@@ -287,13 +439,18 @@ def set_up(cfg):
     except ValueError as e:
         fail(str(e))
     resuming = cfg["init_from"] == "resume"
-    if cfg["mode"] == "dpo":  # the reference stays the model the run first started from
+    if cfg["mode"] in ("dpo", "rl"):  # the reference stays the model the run first started from
         first = ckpt["config"] if resuming else cfg
         cfg = {**cfg, "ref_from": cfg["ref_from"] or first["ref_from"] or first["init_from"]}
     scanned_files = dict(ckpt.get("scanned_files", {})) if resuming else {}  # token files already checked
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
     try:
-        batches = MODES[cfg["mode"]](data_dir, cfg, scanned_files)
+        if cfg["mode"] == "rl":  # prompts of the tasks, in the tokenizer of the policy's checkpoint
+            if ckpt is None:
+                raise DatasetError("mode='rl' starts from a chat (SFT) checkpoint: set init_from")
+            batches = TaskPrompts(cfg, ckpt)
+        else:
+            batches = MODES[cfg["mode"]](data_dir, cfg, scanned_files)
         tokenizer = inline_spec(batches.meta.get("tokenizer", "bytes"), data_dir)  # checkpoints carry it whole
     except DatasetError as e:
         fail(str(e))
@@ -302,8 +459,11 @@ def set_up(cfg):
     config = model_config(cfg, batches.meta["vocab_size"], ckpt)
     bf16_weights = fsdp and device.startswith("cuda") and ctx._enabled  # FSDP's mixed precision on GPUs
     raw_model = parallel.shard_model(config, device, bf16_weights) if fsdp else GPT(config)
-    if ckpt is not None and not fsdp:
-        raw_model.load_state_dict(ckpt["model"])
+    weights = ckpt and ckpt.get("model")
+    if config.reward_head and weights is not None and "reward_head.weight" not in weights:
+        weights = {**weights, "reward_head.weight": torch.zeros(1, config.n_embd)}  # a new head: every reward 0
+    if weights is not None and not fsdp:
+        raw_model.load_state_dict(weights)
     raw_model.to(device)
     optimizer = configure_optimizer(raw_model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
                                     device.split(":")[0], cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
@@ -311,7 +471,7 @@ def set_up(cfg):
         if "shards" in ckpt:
             checkpoint.load_sharded(ckpt["shards"], raw_model, optimizer)
         else:
-            parallel.load_full_weights(raw_model, ckpt["model"])
+            parallel.load_full_weights(raw_model, weights)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, fsdp=fsdp, ctx=ctx,
                           distributed=distributed, batches=batches, scanned_files=scanned_files, tokenizer=tokenizer,
                           raw_model=raw_model, optimizer=optimizer, sampler=torch.Generator().manual_seed(cfg["seed"]),
@@ -320,12 +480,13 @@ def set_up(cfg):
         checkpoint.restore_run(run, ckpt)
     run.start_iter = run.iter_num
     try:
-        run.loss_fn = mode_loss(cfg, device)
+        run.loss_fn = mode_loss(cfg, device, batches)
     except ValueError as e:
         fail(str(e))
     run.model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if distributed and not fsdp:
-        run.model = DDP(run.model, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
+        run.model = DDP(run.model, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None,
+                        find_unused_parameters=cfg["mode"] == "rm")  # a reward model leaves the output head out
     run.log = checkpoint.MetricsLog(cfg, run.master, ckpt.get("metrics_bytes") if resuming else None)
     return run
 
@@ -341,7 +502,8 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
 
 
 def train_step(run):
-    """Forward and backward over the step's micro-batches, accumulating gradients; returns the step's loss.
+    """Forward and backward over the step's micro-batches, accumulating gradients; returns the step's loss
+    and the mode's metrics (means per loss term).
     One shared draw of the whole step's micro-batches; this rank takes its slice. Every mode's loss is a
     sum over counted terms; the step's loss is the sum over all micro-batches and ranks divided by the
     total count, so each term weighs the same however the batch is split."""
@@ -352,23 +514,27 @@ def train_step(run):
     n_terms = sum(run.batches.count(b) for b in micro).float()
     if world > 1:
         dist.all_reduce(n_terms)
-    step_loss = torch.zeros((), device=run.device)
+    step_loss, sums = torch.zeros((), device=run.device), {}
     try:
         for i, batch in enumerate(micro):
             if world > 1:  # reduce gradients over the ranks only after the last micro-batch
                 parallel.set_gradient_sync(run.model, i == accum - 1)
             with run.ctx:
-                loss = run.loss_fn(run.model, batch)[0] / n_terms * world  # DDP and FSDP average over ranks
+                loss, stats = run.loss_fn(run.model, batch)
+                loss = loss / n_terms * world  # DDP and FSDP average over ranks
             loss.backward()
             step_loss += loss.detach() / world
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.float() / n_terms
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         fail(f"a micro-batch of batch_size={cfg['batch_size']} x block_size={cfg['block_size']} does not fit "
              f"in memory on {run.device}: lower batch_size and raise gradient_accumulation_steps")
+    values = torch.stack([step_loss, *sums.values()])
     if world > 1:
-        dist.all_reduce(step_loss)
-    return step_loss
+        dist.all_reduce(values)
+    return values[0], dict(zip(sums, values[1:]))
 
 
 def skip_reason(loss, grad_norm, loss_ema, spike_factor):
@@ -470,10 +636,11 @@ def train(cfg):
         lr = get_lr(it, cfg["learning_rate"], min_lr, warmup, cfg["max_iters"])
         for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's matrices: muon_lr at the peak
-        step_loss = train_step(run)
+        step_loss, stats = train_step(run)
         norm = parallel.whole_value(torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
                                                                    cfg["grad_clip"] or float("inf")))
-        loss, grad_norm = torch.stack([step_loss, norm.float()]).tolist()  # the step's one host sync
+        loss, grad_norm, *values = torch.stack([step_loss, norm.float(), *stats.values()]).tolist()  # one host sync
+        stats = dict(zip(stats, values))
         skip = skip_reason(loss, grad_norm, run.loss_ema, cfg["spike_factor"])
         if skip:
             bad_steps += 1
@@ -498,11 +665,12 @@ def train(cfg):
             dt = (time.perf_counter() - t_last) / iters_timed
             t_last, iters_timed = time.perf_counter(), 0
             record = {"iter": run.iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "ms_per_iter": 1000 * dt, "tokens_per_s": tokens_per_iter / dt}
+                      "ms_per_iter": 1000 * dt, "tokens_per_s": tokens_per_iter / dt, **stats}
             if peak:
                 record["mfu"] = flops_per_iter / dt / peak
             print(f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""))
+                  f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else "")
+                  + "".join(f", {k} {v:.3f}" for k, v in stats.items()))
             run.log(record)
     finish(run)
 

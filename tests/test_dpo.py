@@ -126,7 +126,7 @@ def test_prompt_logps_do_not_matter():
 def test_reference_free_types_load_no_reference():
     for kind in train.REFERENCE_FREE:
         cfg = {**CFG, "mode": "dpo", "loss_type": kind, "ref_from": "no/such/checkpoint.pt"}
-        assert train.mode_loss(cfg, "cpu").reference is None
+        assert train.mode_loss(cfg, "cpu", None).reference is None
 
 
 def write_pairs(path, pairs):
