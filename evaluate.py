@@ -256,7 +256,7 @@ def evaluate(cfg):
             try:  # a chat checkpoint is also scored on gsm8k through its chat template
                 results["benchmarks"] = benchmarks.evaluate(
                     model, enc, cfg["benchmarks"], cfg["benchmarks_dir"], cfg["benchmark_n"],
-                    chat=results["mode"] in ("sft", "dpo") and "<|im_start|>" in enc.special_tokens_set,
+                    chat=results["mode"] in ("sft", "dpo", "rl") and "<|im_start|>" in enc.special_tokens_set,
                     batch_tokens=cfg["batch_tokens"])
             except benchmarks.BenchmarkError as e:
                 sys.exit(str(e))
@@ -296,8 +296,9 @@ def final_val_metrics(out_dir):
 
 
 def plot_run(run_dir):
-    """Train loss per logged step, train and val loss per eval, and for DPO runs the held-out reward
-    margins and accuracies, against the iteration: run_dir/curves.png."""
+    """Train loss per logged step, train and val loss per eval; for DPO and reward-model runs the held-out
+    reward margins and accuracies; for RL runs the reward per step, pass@1 on held-out prompts and the KL
+    to the reference: against the iteration, to run_dir/curves.png."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -315,7 +316,8 @@ def plot_run(run_dir):
     steps = [r for r in records if "loss" in r and "skipped" not in r]
     evals = [r for r in records if "val_loss" in r]
     dpo = any("rewards/margins" in r for r in evals)
-    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 7, 4), squeeze=False)
+    rl = any("pass@1" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if dpo or rl else 1, figsize=(12 if dpo or rl else 7, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="train (step)")
     for key, style in (("train_loss", "o-"), ("val_loss", "s-")):
@@ -328,6 +330,16 @@ def plot_run(run_dir):
             ax.plot([r["iter"] for r in evals], [r[key] for r in evals], "o-", label=f"val {key}")
         ax.set(xlabel="iteration", title="preference rewards (held-out pairs)")
         ax.legend()
+    if rl:
+        ax = axes[0][1]
+        ax.plot([r["iter"] for r in steps], [r["reward"] for r in steps], lw=1, alpha=0.6, label="reward (step)")
+        ax.plot([r["iter"] for r in evals], [r["pass@1"] for r in evals], "o-", label="val pass@1 (sampled)")
+        ax.set(xlabel="iteration", ylabel="reward", title="RL: reward, and KL to the reference")
+        ax.legend(loc="upper left")
+        kl = ax.twinx()
+        kl.plot([r["iter"] for r in steps], [r["kl"] for r in steps], "C3", lw=1, alpha=0.6, label="KL per reply (step)")
+        kl.set_ylabel("KL (nats per reply)")
+        kl.legend(loc="upper right")
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")
     fig.savefig(out, dpi=100)
@@ -392,7 +404,8 @@ def benchmark_figures(result):
 
 ROWS = [("val bits/byte (pretraining text)", "val_bpb"), ("multiple choice acc (norm)", "mc_acc_norm"),
         ("task exact match, greedy", "exact_all"), ("task exact match, sampled", "exact_all_sampled"),
-        ("reward accuracy, held-out pairs", "rewards/accuracies"), ("distinct-2 of samples", "distinct_2"),
+        ("reward accuracy, held-out pairs", "rewards/accuracies"), ("RL: KL to the reference per reply", "kl"),
+        ("distinct-2 of samples", "distinct_2"),
         ("mean entropy of samples (nats)", "entropy")]
 
 

@@ -126,12 +126,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+        qk = apply_rotary(qkv[:, :H + Hkv], cos, sin)  # the query and key heads rotate in one call
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # a single new token attends to everything cached; otherwise causal (or the given mask)

@@ -42,7 +42,8 @@ TRAIN_BAD = [
     ("max_iters", -1), ("spike_factor", -1.0), ("max_bad_steps", 0), ("beta", 0.0), ("label_smoothing", 0.5),
     ("out_dir", ""), ("out_dir", "/"), ("dataset", ""), ("dtype", "fp16"), ("mode", "ppo"), ("rope_theta", 0.0),
     ("norm_eps", -1.0), ("hidden_dim", -1), ("n_embd", 30), ("n_kv_head", 3), ("dist_timeout", 0.0),
-    ("peak_flops", -1.0), ("init_from", ""),
+    ("peak_flops", -1.0), ("init_from", ""), ("rl_samples", 1), ("rl_temperature", 0.0), ("rl_max_new_tokens", 0),
+    ("rl_advantage", "ppo"), ("rl_tasks", ["nope"]),
 ]
 
 

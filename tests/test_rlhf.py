@@ -4,7 +4,6 @@ import json
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -37,9 +36,9 @@ def write_pairs(path, train_pairs, val_pairs):
                                                 "special_tokens": {"<|pad|>": PAD}}))
 
 
-def save_model(model, path):
+def save_model(model, out_dir):
     checkpoint.save({"model": model.state_dict(), "model_config": model.config.__dict__,
-                     "tokenizer": {"kind": "bytes"}}, str(path))
+                     "tokenizer": {"kind": "bytes"}}, str(out_dir))
 
 
 def tiny_model(seed=0, **kw):
@@ -86,9 +85,9 @@ def test_reward_model_learns_a_planted_preference(tmp_path, capsys):
     train.py did; a reward model cannot be trained on as a policy, nor exported as one."""
     rng = random.Random(0)
     write_pairs(tmp_path / "data" / "pref", planted(rng, 64), planted(rng, 32))
-    save_model(tiny_model(), tmp_path / "sft.pt")
+    save_model(tiny_model(), tmp_path / "sft")
     cfg = {**train.defaults, **TINY, "mode": "rm", "dataset": "pref", "data_root": str(tmp_path / "data"),
-           "out_dir": str(tmp_path / "rm"), "init_from": str(tmp_path / "sft.pt"), "block_size": 64,
+           "out_dir": str(tmp_path / "rm"), "init_from": str(tmp_path / "sft"), "block_size": 64,
            "batch_size": 8, "max_iters": 40, "learning_rate": 3e-3, "eval_interval": 40, "eval_iters": 4}
     train.train(cfg)
     first, last = [m for m in read_metrics(tmp_path / "rm") if "val_loss" in m]
@@ -104,6 +103,28 @@ def test_reward_model_learns_a_planted_preference(tmp_path, capsys):
     with pytest.raises(SystemExit, match="reward model"):
         export.export({**export.defaults, "ckpt": str(tmp_path / "rm"), "out": str(tmp_path / "hf")})
     assert not (tmp_path / "hf").exists()
+
+def test_reward_model_resumes_exactly_and_ddp_fsdp_match_one_process(tmp_path):
+    rng = random.Random(1)
+    write_pairs(tmp_path / "data" / "pref", planted(rng, 32), planted(rng, 8))
+    save_model(tiny_model(), tmp_path / "sft")
+    args = ["--mode=rm", "--dataset=pref", f"--data_root={tmp_path}/data", f"--init_from={tmp_path}/sft",
+            "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4",
+            "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--learning_rate=3e-3", "--dtype=float32",
+            "--device=cpu", "--spike_factor=0", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=32"]
+    for out, extra, procs in (("one", [], 0), ("ddp", [], 2), ("fsdp", ["--parallel=fsdp"], 2)):
+        r = run_script("train.py", *args, f"--out_dir={tmp_path}/{out}", *extra, torchrun=procs)
+        assert r.returncode == 0, r.stderr
+    one, ddp, fsdp = (losses(tmp_path, out) for out in ("one", "ddp", "fsdp"))
+    assert one.keys() == {1, 2, 3, 4} and one[4] < one[1]
+    assert all(ddp[i] == pytest.approx(one[i], abs=1e-5) and fsdp[i] == pytest.approx(one[i], abs=1e-5) for i in one)
+    cfg = {**train.defaults, **TINY, "mode": "rm", "dataset": "pref", "data_root": str(tmp_path / "data"),
+           "init_from": str(tmp_path / "sft"), "block_size": 64, "batch_size": 4, "gradient_accumulation_steps": 2,
+           "max_iters": 4, "eval_interval": 2, "learning_rate": 3e-3, "out_dir": str(tmp_path / "resumed")}
+    train.train({**cfg, "out_dir": str(tmp_path / "straight")})
+    train.train({**cfg, "stop_at_iter": 2})
+    train.train({**cfg, "init_from": "resume"})
+    assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")
 
 # ----------------------------------------------------------------------------- RL: the formulas
 

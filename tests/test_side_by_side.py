@@ -15,7 +15,7 @@ import checkpoint
 import side_by_side
 from conftest import ROOT, run_script
 from model import GPT, GPTConfig
-from tokenizer import chat_replies, load_tokenizer
+from tokenizer import chat_replies
 
 PROMPTS = ["Is fire hot?", "Name a color.", "What is 2 + 2?", "Say hello."]
 
@@ -28,7 +28,7 @@ def two_models(tmp_path_factory):
         model = GPT(GPTConfig(vocab_size=260, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
                               tie_embeddings=False))
         checkpoint.save({"model": model.state_dict(), "model_config": model.config.__dict__,
-                         "tokenizer": {"kind": "bytes"}}, str(root / f"{name}.pt"))
+                         "tokenizer": {"kind": "bytes"}}, str(root / name))
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:2] + [""] + PROMPTS[2:]) + "\n")
     return root
 
@@ -40,12 +40,12 @@ def replies(path):
 
 
 def sitting(root, votes, *extra):
-    return [sys.executable, os.path.join(ROOT, "side_by_side.py"), f"--a={root}/one.pt", f"--b={root}/two.pt",
+    return [sys.executable, os.path.join(ROOT, "side_by_side.py"), f"--a={root}/one", f"--b={root}/two",
             f"--prompts={root}/prompts.txt", f"--votes={votes}", "--max_new_tokens=8", "--dtype=float32", *extra]
 
 
 def test_votes_become_preference_records(two_models, tmp_path):
-    one, two = replies(two_models / "one.pt"), replies(two_models / "two.pt")
+    one, two = replies(two_models / "one"), replies(two_models / "two")
     assert all(a.strip() and b.strip() and a != b for a, b in zip(one, two))
     votes = tmp_path / "votes.jsonl"
     r = subprocess.run(sitting(two_models, votes), input="a\nx\nb\nt\na\n", capture_output=True, text=True,
@@ -58,8 +58,8 @@ def test_votes_become_preference_records(two_models, tmp_path):
         (PROMPTS[0], shown[0][0], shown[0][1]), (PROMPTS[1], shown[1][1], shown[1][0]),
         (PROMPTS[2], one[2], two[2]), (PROMPTS[3], shown[3][0], shown[3][1])]  # a tie: equal scores
     assert [(x["score_chosen"], x["score_rejected"]) for x in records] == [(1, 0), (1, 0), (0.5, 0.5), (1, 0)]
-    wins = [float(x["chosen_model"].endswith("two.pt")) for x in records if x["score_chosen"] == 1]
-    assert f"4 votes: {two_models}/two.pt won {sum(wins):.0f}" in r.stdout and "1 ties" in r.stdout
+    wins = [float(x["chosen_model"].endswith("two")) for x in records if x["score_chosen"] == 1]
+    assert f"4 votes: {two_models}/two won {sum(wins):.0f}" in r.stdout and "1 ties" in r.stdout
     rate, _ = side_by_side.win_rate(wins + [0.5])
     assert f"(a tie counts half): {rate:.3f}" in r.stdout
     pre = tmp_path / "pre"
