@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    """The architecture. Every field is also a config key of train.py (--n_layer=8, --rope_theta=5e5, ...):
-    a field added here, with a default, can be set from a config file or the command line at once."""
+    """The architecture. Every field but vocab_size and reward_head (the data's and the mode's) is also a
+    config key of train.py (--n_layer=8, --rope_theta=5e5, ...): a field added here, with a default, can
+    be set from a config file or the command line at once."""
     vocab_size: int = 50304
     block_size: int = 1024
     n_layer: int = 12
@@ -32,7 +33,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     tie_embeddings: bool = True
-    reward_head: bool = False  # a scalar head beside the output head: a reward model (train.py mode='rm')
+    reward_head: bool = False  # a scalar head beside the output head: a reward model (set by train.py's mode='rm')
 
     def __post_init__(self):
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):

@@ -253,8 +253,8 @@ class RLLoss:
         for prompt, seed in zip(batch["prompts"], batch["seeds"].tolist()):
             room = min(cfg["rl_max_new_tokens"], raw.config.block_size - len(prompt))
             if room < 1:
-                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room to reply in block_size "
-                                 f"{raw.config.block_size}")
+                fail(f"an RL prompt of {len(prompt)} tokens leaves no room for a reply in the model's block_size "
+                     f"{raw.config.block_size}")
             device = next(raw.parameters()).device
             x = torch.tensor([prompt] * cfg["rl_samples"], device=device)
             g = torch.Generator(device=device).manual_seed(seed)

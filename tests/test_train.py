@@ -203,7 +203,8 @@ def test_every_model_field_is_a_config_key(tiny_data):
     tie_embeddings on the command line and find them in the checkpoint's model."""
     import dataclasses
     from model import GPTConfig
-    assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"} <= set(train.defaults)
+    # the vocabulary is the data's and the reward head the mode's (mode='rm')
+    assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "reward_head"} <= set(train.defaults)
     train_run(tiny_data, "knobs", "--max_iters=1", "--eval_interval=0", "--rope_theta=500.0", "--norm_eps=1e-3",
               "--tie_embeddings=False")
     model_config = torch.load(tiny_data / "knobs" / "ckpt.pt", weights_only=True)["model_config"]
