@@ -30,11 +30,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import parallel
 import tasks
-from batches import DatasetError, PreferenceBatches, PretrainBatches, RewardBatches, SFTBatches, TaskPrompts, to_device
+from batches import (DatasetError, PreferenceBatches, PretrainBatches, RewardBatches, SFTBatches, TaskPrompts,
+                     completion_rows, to_device)
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, require
 from model import GPT, GPTConfig
 from optim import configure_optimizer
-from tokenizer import decode_reply, inline_spec
+from tokenizer import inline_spec
 
 defaults = dict(
     # I/O
@@ -233,71 +234,27 @@ def policy_gradient_loss(logps, ref_logps, mask, advantages, beta):
 
 
 class RLLoss:
-    """mode='rl': for each prompt of the batch, rl_samples replies sampled from the current policy (with
-    the KV cache, from the prompt's own seed), scored by the tasks' checker and/or a reward model, then
-    policy_gradient_loss summed over the replies, with the mean reward, KL, reply length and pass@1 (the
-    share of sampled replies the checker accepts). Replies are generated under no_grad in eval mode,
-    then scored again with gradients by the (DDP-wrapped) model: one forward per micro-batch."""
+    """mode='rl': for each prompt of the batch, the batch source's replies, sampled from the current policy
+    under no_grad, and their rewards; then policy_gradient_loss summed over the replies, scored with
+    gradients by the (DDP-wrapped) model in one forward, with the mean reward, KL, reply length and
+    pass@1 (the share of sampled replies the checker accepts)."""
 
-    def __init__(self, cfg, batches, reference, reward_model):
-        self.cfg, self.batches, self.reference, self.reward_model = cfg, batches, reference, reward_model
-
-    @torch.no_grad()
-    def rollout(self, policy, batch):
-        """(prompt, reply) token lists, rl_samples per prompt; a reply ends with <|im_end|> or at the cap."""
-        cfg, end = self.cfg, self.batches.end
-        raw = getattr(policy, "module", policy)  # sampling is no training step: past DDP's wrapper
-        was_training = raw.training
-        raw.eval()
-        seqs = []
-        for prompt, seed in zip(batch["prompts"], batch["seeds"].tolist()):
-            room = min(cfg["rl_max_new_tokens"], raw.config.block_size - len(prompt))
-            if room < 1:
-                fail(f"an RL prompt of {len(prompt)} tokens leaves no room for a reply in the model's block_size "
-                     f"{raw.config.block_size}")
-            device = next(raw.parameters()).device
-            x = torch.tensor([prompt] * cfg["rl_samples"], device=device)
-            g = torch.Generator(device=device).manual_seed(seed)
-            out = raw.generate(x, room, cfg["rl_temperature"], stop_tokens=(end,), generator=g)
-            for row in out[:, len(prompt):].tolist():
-                seqs.append((prompt, row[:row.index(end) + 1] if end in row else row))
-        raw.train(was_training)
-        return seqs
-
-    def rewards(self, seqs, answers):
-        """The tasks' verdict (1 or 0) per reply, and the reward: that verdict and/or the reward model's score."""
-        G, enc, end = self.cfg["rl_samples"], self.batches.enc, self.batches.end
-        passed = torch.tensor([float(tasks.check(answers[i // G], decode_reply(enc, reply, end)))
-                               for i, (_, reply) in enumerate(seqs)])
-        reward = passed.clone() if self.cfg["task_reward"] else torch.zeros(len(seqs))
-        if self.reward_model is not None:
-            whole = [p + r for p, r in seqs]
-            idx = torch.full((len(whole), max(map(len, whole))), self.batches.pad, dtype=torch.long)
-            for i, t in enumerate(whole):
-                idx[i, :len(t)] = torch.tensor(t)
-            last = torch.tensor([len(t) - 1 for t in whole])
-            device = next(self.reward_model.parameters()).device
-            with torch.no_grad():
-                reward += self.reward_model(idx.to(device), reward_at=last.to(device))[0].float().cpu()
-        return passed, reward
+    def __init__(self, cfg, prompts, reference, reward_model):
+        self.cfg, self.prompts, self.reference, self.reward_model = cfg, prompts, reference, reward_model
 
     def __call__(self, model, batch):
-        seqs = self.rollout(model, batch)
-        passed, reward = self.rewards(seqs, batch["answers"])
-        T = max(len(p) + len(r) for p, r in seqs) - 1
-        idx = torch.full((len(seqs), T), self.batches.pad, dtype=torch.long)
-        targets = torch.full((len(seqs), T), -100, dtype=torch.long)
-        for i, (prompt, reply) in enumerate(seqs):
-            t = torch.tensor(prompt + reply)
-            idx[i, :len(t) - 1] = t[:-1]
-            targets[i, len(prompt) - 1:len(t) - 1] = t[len(prompt):]  # the reply's tokens only
-        device = batch["seeds"].device
-        idx, targets = idx.to(device), targets.to(device)
-        logps = token_logps(model(idx)[0], targets)
+        try:
+            seqs = self.prompts.replies(getattr(model, "module", model), batch)  # sampling: past DDP's wrapper
+        except ValueError as e:
+            fail(str(e))
+        passed, reward = self.prompts.rewards(seqs, batch["answers"], self.reward_model)
+        device = str(batch["seeds"].device)
+        rows = to_device(completion_rows(seqs, self.prompts.pad), device)
+        logps = token_logps(model(rows["idx"])[0], rows["targets"])
         with torch.no_grad():
-            ref_logps = token_logps(self.reference(idx)[0], targets)
+            ref_logps = token_logps(self.reference(rows["idx"])[0], rows["targets"])
         advantages = group_advantages(reward.view(-1, self.cfg["rl_samples"]), self.cfg["rl_advantage"]).view(-1)
-        mask = targets != -100
+        mask = rows["targets"] != -100
         losses, kl = policy_gradient_loss(logps, ref_logps, mask, advantages.to(device), self.cfg["beta"])
         stats = {"reward": reward.sum(), "kl": kl.detach().sum(), "reply_tokens": mask.sum().float(),
                  "pass@1": passed.sum()}
@@ -445,9 +402,7 @@ def set_up(cfg):
     scanned_files = dict(ckpt.get("scanned_files", {})) if resuming else {}  # token files already checked
     data_dir = os.path.join(cfg["data_root"], cfg["dataset"])
     try:
-        if cfg["mode"] == "rl":  # prompts of the tasks, in the tokenizer of the policy's checkpoint
-            if ckpt is None:
-                raise DatasetError("mode='rl' starts from a chat (SFT) checkpoint: set init_from")
+        if cfg["mode"] == "rl":  # no dataset: the tasks' prompts, in the tokenizer of the policy's checkpoint
             batches = TaskPrompts(cfg, ckpt)
         else:
             batches = MODES[cfg["mode"]](data_dir, cfg, scanned_files)
