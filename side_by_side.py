@@ -118,12 +118,12 @@ def sitting(cfg):
             vote = ask("Which is")
             if vote is None:
                 break
-            if vote == "t":
+            if vote == "t":  # a tie is recorded with --a's reply first and equal scores
                 chosen, rejected, score = "a", "b", (0.5, 0.5)
             else:
-                chosen = shown[0] if vote == "a" else shown[1]
-                rejected, score = ("b" if chosen == "a" else "a"), (1.0, 0.0)
-            scores.append({"a": 0.0, "b": 1.0}[chosen] if vote != "t" else 0.5)
+                chosen, rejected = shown if vote == "a" else shown[::-1]
+                score = (1.0, 0.0)
+            scores.append(0.5 if vote == "t" else float(chosen == "b"))
             if not replies[chosen].strip() or not replies[rejected].strip():
                 print("(an empty reply makes no preference record: counted, not saved)")
                 continue
