@@ -284,23 +284,26 @@ class TaskPrompts(Batches):
 
     @torch.no_grad()
     def replies(self, policy, batch):
-        """(prompt, reply) token lists, samples per prompt, drawn from the prompt's seed by the policy in
-        eval mode; a reply ends with <|im_end|> or at max_new_tokens. ValueError for a prompt that leaves
-        no room to reply."""
+        """(prompt, reply) token lists, samples per prompt, drawn by the policy in eval mode, all in one
+        left-padded batch; a prompt's replies draw from a generator seeded with its seed alone. A reply
+        ends with <|im_end|> or at max_new_tokens. ValueError for a prompt that leaves no room to reply."""
         was_training = policy.training
         policy.eval()
         device, block_size = next(policy.parameters()).device, policy.config.block_size
-        seqs = []
-        for prompt, seed in zip(batch["prompts"], batch["seeds"].tolist()):
-            if len(prompt) >= block_size:
-                raise ValueError(f"an RL prompt of {len(prompt)} tokens leaves no room for a reply in the model's "
-                                 f"block_size {block_size}")
-            x = torch.tensor([prompt] * self.samples, device=device)
-            out = policy.generate(x, min(self.max_new_tokens, block_size - len(prompt)), self.temperature,
-                                  stop_tokens=(self.end,), generator=torch.Generator(device=device).manual_seed(seed))
-            for row in out[:, len(prompt):].tolist():
-                seqs.append((prompt, row[:row.index(self.end) + 1] if self.end in row else row))
+        width = max(map(len, batch["prompts"]))
+        if width >= block_size:
+            raise ValueError(f"an RL prompt of {width} tokens leaves no room for a reply in the model's "
+                             f"block_size {block_size}")
+        prompts = [p for p in batch["prompts"] for _ in range(self.samples)]
+        x = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
+        pad = torch.tensor([width - len(p) for p in prompts], device=device)
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in batch["seeds"].tolist()]
+        out = policy.generate(x, min(self.max_new_tokens, block_size - width), self.temperature, stop_tokens=(self.end,),
+                              generator=[g for g in generators for _ in range(self.samples)], pad=pad)
         policy.train(was_training)
+        seqs = []
+        for prompt, row in zip(prompts, out[:, width:].tolist()):
+            seqs.append((prompt, row[:row.index(self.end) + 1] if self.end in row else row))
         return seqs
 
     @torch.no_grad()

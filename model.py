@@ -230,9 +230,11 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
-    def forward(self, idx, targets=None, doc_ids=None, cache=None, reduction="mean", reward_at=None):
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, reduction="mean", reward_at=None, pad=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = ignore), the loss.
         doc_ids (B, T) restricts attention to each position's own document (packed sequences).
+        pad (B,) counts each row's left padding (generation of prompts of unequal length): a row's
+        positions count from its first real token and nothing attends to its padding.
         A reward model, given reward_at (B,) positions, returns instead each row's scalar reward read
         there (the reply's last token), and None."""
         B, T = idx.shape
@@ -243,6 +245,13 @@ class GPT(nn.Module):
         mask = None
         if doc_ids is not None:
             mask = document_mask(doc_ids)
+        elif pad is not None:
+            cols, keys = torch.arange(start, start + T, device=idx.device), torch.arange(start + T, device=idx.device)
+            pos = (cols - pad[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D/2)
+            # causal, never to padding; a padding position sees itself, so no row of the softmax is empty
+            mask = (keys <= cols[:, None]) & ((keys >= pad[:, None, None]) | (keys == cols[:, None]))
+            mask = mask[:, None]  # (B, 1, T, start + T)
         elif cache is not None and start > 0 and T > 1:  # several new tokens after a cached prefix
             mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
         x = self.drop(self.wte(idx))
@@ -262,14 +271,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, pad=None):
         """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+        pad (B,): how many of each row's first tokens are left padding (prompts of unequal length in one
+        batch); each row is then generated as it would be alone (until the batch fills the window).
         Stops early once every row has produced one of stop_tokens.
         The context window: a prompt longer than block_size is cropped to its last block_size tokens; when
         the window fills up, the oldest half is dropped and the rest re-encoded (a cache refill). The
         no-cache path uses the same window, so both paths see the same context and agree exactly."""
         bs = self.config.block_size
-        idx = idx[:, -bs:]
+        if idx.size(1) > bs:
+            pad = None if pad is None else (pad - (idx.size(1) - bs)).clamp(min=0)
+            idx = idx[:, -bs:]
         window_start = 0        # the model sees idx[:, window_start:]
         cache = None
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
@@ -278,13 +291,14 @@ class GPT(nn.Module):
             if idx.size(1) - window_start >= bs:  # full: keep the newest half
                 window_start = idx.size(1) - bs // 2
                 cache = None
+            window_pad = None if pad is None else (pad - window_start).clamp(min=0)
             if not use_cache:
-                logits, _ = self(idx[:, window_start:])
+                logits, _ = self(idx[:, window_start:], pad=window_pad)
             elif cache is None:
                 cache = KVCache(self.config)
-                logits, _ = self(idx[:, window_start:], cache=cache)
+                logits, _ = self(idx[:, window_start:], cache=cache, pad=window_pad)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
+                logits, _ = self(idx[:, -1:], cache=cache, pad=window_pad)
             next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
             if len(stop):
@@ -295,7 +309,9 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    """One token id per row from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling.
+    generator: a torch.Generator, or a list of one per row (rows may share one), so that a row's draws
+    depend on its own generator only, whatever else is in the batch."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -309,4 +325,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if isinstance(generator, (list, tuple)):  # inverse transform sampling, one uniform in (0, 1] per row
+        cdf = logits.softmax(-1).cumsum(-1)
+        u = torch.cat([1 - torch.rand(1, generator=g, device=logits.device) for g in generator])
+        return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:])
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -192,27 +192,35 @@ def render_chat(enc, messages, generation_prompt=False):
 def chat_replies(model, enc, conversations, num_samples=1, max_new_tokens=128, temperature=0.0, top_k=None,
                  top_p=None, generator=None, batch_rows=64):
     """The model's next assistant message(s) after each conversation, num_samples per conversation:
-    generation after render_chat's generation prompt, stopped at <|im_end|>. Conversations whose prompts
-    have the same number of tokens generate together, up to batch_rows rows at a time, without padding,
-    so a greedy reply in a batch is the reply the conversation gets alone. Sampled replies depend on the
-    batches."""
+    generation after render_chat's generation prompt, stopped at <|im_end|>. Prompts generate together,
+    shortest first, up to batch_rows rows at a time, left-padded to the longest of their batch
+    (model.generate's pad), so a greedy reply in a batch is the reply the conversation gets alone (in
+    float32; in bfloat16, up to rounding).
+    Sampled replies depend on the batches."""
     import torch  # here: prepare.py reads this module for pretraining data without torch's import time
-    prompts = [render_chat(enc, messages, generation_prompt=True)[0] for messages in conversations]
+    prompts = [render_chat(enc, messages, generation_prompt=True)[0][-model.config.block_size:]
+               for messages in conversations]
     device = next(model.parameters()).device
     end = enc.encode_single_token("<|im_end|>")
-    by_length = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
+    per_batch, batches = max(1, batch_rows // num_samples), [[]]
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        batch = batches[-1]
+        # a batch whose window fills up refills it at its widest row's length: there, equal lengths only
+        refills = len(prompts[i]) + max_new_tokens > model.config.block_size
+        if len(batch) == per_batch or (batch and refills and len(prompts[i]) != len(prompts[batch[0]])):
+            batches.append([])
+        batches[-1].append(i)
     replies = [None] * len(prompts)
-    per_batch = max(1, batch_rows // num_samples)
-    for length, group in sorted(by_length.items()):
-        for start in range(0, len(group), per_batch):
-            batch = group[start:start + per_batch]
-            x = torch.tensor([prompts[i] for i in batch for _ in range(num_samples)], dtype=torch.long, device=device)
-            out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator)
-            rows = out[:, min(length, model.config.block_size):].tolist()
-            for j, i in enumerate(batch):
-                replies[i] = [decode_reply(enc, row, end) for row in rows[j * num_samples:(j + 1) * num_samples]]
+    for batch in batches:
+        width = len(prompts[batch[-1]])
+        rows = [prompts[i] for i in batch for _ in range(num_samples)]
+        x = torch.tensor([[end] * (width - len(p)) + p for p in rows], dtype=torch.long, device=device)
+        pad = torch.tensor([width - len(p) for p in rows], device=device)
+        out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator,
+                             pad=pad if pad.any() else None)
+        out = out[:, width:].tolist()
+        for j, i in enumerate(batch):
+            replies[i] = [decode_reply(enc, row, end) for row in out[j * num_samples:(j + 1) * num_samples]]
     return replies
 
 

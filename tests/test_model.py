@@ -132,6 +132,39 @@ def test_generate_crops_long_prompt_and_stops():
     assert stopped.shape == (1, 33)
 
 
+def test_left_padded_batch_generates_as_each_prompt_alone():
+    """Prompts of 3 to 12 tokens, left-padded into one batch: each row's logits and greedy reply (with and
+    without the cache) are the ones it gets alone, until the batch's window fills."""
+    model = tiny()
+    prompts = [torch.randint(1, 50, (n,)).tolist() for n in (3, 12, 7, 1)]
+    width = max(map(len, prompts))
+    x = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    pad = torch.tensor([width - len(p) for p in prompts])
+    logits = model(x, pad=pad)[0]
+    for new_tokens, use_cache in ((15, True), (15, False), (27, True)):
+        out = model.generate(x, new_tokens, temperature=0, pad=pad, use_cache=use_cache)
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(logits[i, width - len(p):], model(torch.tensor([p]))[0][0], atol=1e-5, rtol=1e-5)
+            alone = model.generate(torch.tensor([p]), new_tokens, temperature=0)[0, len(p):]
+            if new_tokens + width < 32 or len(p) == width:  # past a refill, the batch's window is the widest row's
+                assert out[i, width:].tolist() == alone.tolist()
+
+
+def test_per_row_generators_draw_whatever_the_batch():
+    from model import sample_next
+    logits = torch.randn(3, 20)
+    generators = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    together = sample_next(logits, 1.0, generator=generators())
+    for i in range(3):
+        assert sample_next(logits[i:i + 1], 1.0, generator=generators()[i:i + 1]).item() == together[i].item()
+    # the draws follow the distribution and never take a token outside the top-k
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(probs.log().expand(20000, 4), 1.0, top_k=3, generator=[g] * 20000)[:, 0]
+    freq = torch.bincount(draws, minlength=4) / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.015, rtol=0)
+
+
 def test_sampling_filters():
     from model import sample_next
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
