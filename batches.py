@@ -285,8 +285,9 @@ class TaskPrompts(Batches):
     @torch.no_grad()
     def replies(self, policy, batch):
         """(prompt, reply) token lists, samples per prompt, drawn by the policy in eval mode, all in one
-        left-padded batch; a prompt's replies draw from a generator seeded with its seed alone. A reply
-        ends with <|im_end|> or at max_new_tokens. ValueError for a prompt that leaves no room to reply."""
+        left-padded batch; a prompt's replies draw from a generator seeded with its seed alone, so they are
+        the same in any batch. A reply ends with <|im_end|> or at max_new_tokens. ValueError for a prompt
+        that leaves no room to reply."""
         was_training = policy.training
         policy.eval()
         device, block_size = next(policy.parameters()).device, policy.config.block_size
@@ -301,10 +302,8 @@ class TaskPrompts(Batches):
         out = policy.generate(x, min(self.max_new_tokens, block_size - width), self.temperature, stop_tokens=(self.end,),
                               generator=[g for g in generators for _ in range(self.samples)], pad=pad)
         policy.train(was_training)
-        seqs = []
-        for prompt, row in zip(prompts, out[:, width:].tolist()):
-            seqs.append((prompt, row[:row.index(self.end) + 1] if self.end in row else row))
-        return seqs
+        return [(prompt, row[:row.index(self.end) + 1] if self.end in row else row)
+                for prompt, row in zip(prompts, out[:, width:].tolist())]
 
     @torch.no_grad()
     def rewards(self, seqs, answers, reward_model=None):

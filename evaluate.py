@@ -153,9 +153,9 @@ def diversity(model, enc, prompts, temperature, generator):
     entropy (nats) of the model's next-token distribution at the replies' positions."""
     grams = {1: [], 2: []}
     entropies = []
-    for p in prompts:
-        reply = chat_replies(model, enc, [[{"role": "user", "content": p}]], temperature=temperature,
-                             max_new_tokens=48, generator=generator)[0][0]
+    replies = chat_replies(model, enc, [[{"role": "user", "content": p}] for p in prompts], temperature=temperature,
+                           max_new_tokens=48, generator=generator)
+    for p, (reply,) in zip(prompts, replies):
         ids = enc.encode_ordinary(reply)
         for n in grams:
             grams[n] += [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
@@ -217,7 +217,8 @@ def evaluate(cfg):
         sys.exit(str(e))
     ctx = autocast_context(cfg["dtype"], device.split(":")[0])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    results, t0 = {"checkpoint": cfg["out_dir"], "mode": ckpt.get("config", {}).get("mode")}, time.time()
+    run = ckpt.get("config", {})
+    results, t0 = {"checkpoint": cfg["out_dir"], "mode": run.get("mode"), "init_from": run.get("init_from")}, time.time()
     if model.config.reward_head != bool(cfg["pairs"]):
         sys.exit(f"'{cfg['out_dir']}' is a reward model: give --pairs=DIR, a preference dataset" if cfg["pairs"] == ""
                  else f"--pairs scores a reward model (train.py mode='rm'); '{cfg['out_dir']}' is a policy")
@@ -441,7 +442,10 @@ def main():
         if per_task:
             print(f"{d}: {per_task}")
     stages = list(zip(cfg["compare"], columns))
-    for (d0, c0), (d1, c1) in zip(stages, stages[1:]):
+    for i, (d1, c1) in enumerate(stages[1:], 1):  # each stage against the one it was trained from, else the column before
+        start = str(c1.get("init_from") or "")
+        start = os.path.normpath(os.path.dirname(start) if start.endswith(".pt") else start)
+        d0, c0 = next(((d, c) for d, c in stages[:i] if os.path.normpath(d) == start), stages[i - 1])
         if c0.get("exact_hits") and len(c0["exact_hits"]) == len(c1.get("exact_hits", "")):
             r = paired_difference(list(map(int, c0["exact_hits"])), list(map(int, c1["exact_hits"])))
             lo, hi = r["ci95"]

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import batches
 import checkpoint
 import export
 import tasks
@@ -191,6 +192,21 @@ def rl_cfg(root, out, **kw):
     return {**train.defaults, **TINY, "mode": "rl", "init_from": str(root / "sft" / "ckpt.pt"),
             "out_dir": str(root / out), "rl_tasks": ["letter"], "rl_samples": 4, "rl_max_new_tokens": 4,
             "block_size": 64, "batch_size": 8, "learning_rate": 3e-3, "beta": 0.02, "eval_interval": 0, **kw}
+
+
+def test_rl_replies_depend_on_their_prompt_alone(letter_policy):
+    """Prompts of unequal length sample in one left-padded batch, yet each prompt's replies are the ones it
+    gets alone (its seed draws them)."""
+    model, _, ckpt = checkpoint.load_model(str(letter_policy / "sft"))
+    cfg = {**train.defaults, "rl_tasks": ["letter", "next_number"], "rl_samples": 3, "rl_max_new_tokens": 6}
+    source = batches.TaskPrompts(cfg, ckpt)
+    batch = source.get("train", 8, torch.Generator().manual_seed(0))
+    assert len({len(p) for p in batch["prompts"]}) > 2
+    together = source.replies(model, batch)
+    assert len(together) == 24 and len({tuple(r) for _, r in together}) > 3
+    for i, prompt in enumerate(batch["prompts"]):
+        alone = source.replies(model, {k: v[i:i + 1] for k, v in batch.items()})
+        assert alone == together[3 * i:3 * i + 3] and all(p == prompt for p, _ in alone)
 
 
 def test_rl_raises_the_reward(letter_policy):
