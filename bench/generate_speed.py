@@ -3,7 +3,8 @@ Generation speed: model.generate against Hugging Face transformers' generate on 
 random model of 6 layers x 384, GQA 6/2, vocab 4096, exported with export.py and loaded as
 LlamaForCausalLM), greedy, float32, a 32-token prompt and 192 new tokens, at batch 1 and 16, in one
 process, alternating run by run. Prints the median tokens/s of each, the ratio, and whether the tokens
-agree. Needs transformers (tests/requirements.txt).
+agree; then 16 prompts of unequal lengths generated in one left-padded batch against batches of equal
+length. Needs transformers (tests/requirements.txt).
 
     python bench/generate_speed.py [--runs=5] [--threads=2]
 """
@@ -61,6 +62,45 @@ def main():
         rate = {k: batch * NEW / statistics.median(v) for k, v in times.items()}
         print(f"batch {batch:>2}: ours {rate['ours']:,.0f} tokens/s, Hugging Face {rate['hf']:,.0f}: "
               f"{rate['ours'] / rate['hf']:.2f}x; tokens {'identical' if torch.equal(outs['ours'], outs['hf']) else 'DIFFER'}")
+    unequal_lengths(ours, hf, args.runs)
+
+
+def unequal_lengths(model, hf, runs, n=16, new=64):
+    """n prompts of 8 to 56 tokens (as RL's and the evaluation's are), greedy: one left-padded batch
+    against batches of equal length (what generation did before padding) and against Hugging Face's
+    left-padded batch, and whether the padded rows equal the prompts' one-at-a-time replies."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4096, (int(n_),), generator=g) for n_ in torch.randint(8, 57, (n,), generator=g)]
+    width = max(len(p) for p in prompts)
+    x = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
+    pad = torch.tensor([width - len(p) for p in prompts])
+
+    def grouped():
+        by_length = {}
+        for p in prompts:
+            by_length.setdefault(len(p), []).append(p)
+        return [model.generate(torch.stack(group), new, temperature=0) for group in by_length.values()]
+
+    mask = (torch.arange(width) >= pad[:, None]).long()
+    hf_run = lambda: hf.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,  # noqa: E731
+                                 do_sample=False, pad_token_id=0)
+    times = {"padded": [], "grouped": [], "hf": []}
+    with torch.no_grad():
+        padded = model.generate(x, new, temperature=0, pad=pad)[:, width:]
+        alone = torch.cat([model.generate(p[None], new, temperature=0)[:, len(p):] for p in prompts])
+        hf_tokens = hf_run()[:, width:]
+        for _ in range(runs):
+            for name, run in (("padded", lambda: model.generate(x, new, temperature=0, pad=pad)), ("grouped", grouped),
+                              ("hf", hf_run)):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    rate = {k: n * new / statistics.median(v) for k, v in times.items()}
+    print(f"{n} prompts of {min(map(len, prompts))}-{width} tokens ({len({len(p) for p in prompts})} lengths), {new} new "
+          f"tokens: one left-padded batch {rate['padded']:,.0f} tokens/s, batches of equal length {rate['grouped']:,.0f}: "
+          f"{rate['padded'] / rate['grouped']:.2f}x; Hugging Face left-padded {rate['hf']:,.0f}: "
+          f"{rate['padded'] / rate['hf']:.2f}x; padded rows {'equal' if torch.equal(padded, alone) else 'DIFFER from'} "
+          f"one-at-a-time, Hugging Face's {'equal' if torch.equal(hf_tokens, alone) else 'DIFFER'}")
 
 
 if __name__ == "__main__":
