@@ -202,12 +202,11 @@ def chat_replies(model, enc, conversations, num_samples=1, max_new_tokens=128, t
                for messages in conversations]
     device = next(model.parameters()).device
     end = enc.encode_single_token("<|im_end|>")
-    per_batch, batches = max(1, batch_rows // num_samples), [[]]
+    per_batch, batches = max(1, batch_rows // num_samples), []
     for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-        batch = batches[-1]
         # a batch whose window fills up refills it at its widest row's length: there, equal lengths only
         refills = len(prompts[i]) + max_new_tokens > model.config.block_size
-        if len(batch) == per_batch or (batch and refills and len(prompts[i]) != len(prompts[batch[0]])):
+        if not batches or len(batches[-1]) == per_batch or (refills and len(prompts[i]) != len(prompts[batches[-1][0]])):
             batches.append([])
         batches[-1].append(i)
     replies = [None] * len(prompts)
