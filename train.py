@@ -564,7 +564,9 @@ def train(cfg):
     peak = cfg["peak_flops"] or next((v for k, v in PEAK_BF16_FLOPS.items() if run.device.startswith("cuda")
                                       and k in torch.cuda.get_device_name(run.device)), 0.0)
     if run.master:
-        print(f"{run.raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, {run.world} "
+        per_step = (f"{cfg['batch_size'] * cfg['gradient_accumulation_steps']} prompts x {cfg['rl_samples']} replies"
+                    if cfg["mode"] == "rl" else f"{tokens_per_iter:,} tokens")
+        print(f"{run.raw_model.num_params() / 1e6:.2f}M parameters, {per_step} per step, {run.world} "
               f"process(es) x {cfg['gradient_accumulation_steps'] // run.world} micro-batches of {cfg['batch_size']}x"
               f"{cfg['block_size']}, {'bfloat16 autocast' if run.ctx._enabled else 'float32'} on {run.device}"
               + (", FSDP" if run.fsdp else ", DDP" if run.distributed else ""))
