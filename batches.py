@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import tasks
-from model import doc_ids_from_eot
+from model import doc_ids_from_eot, left_pad
 from tokenizer import decode_reply, load_tokenizer, render_chat
 
 
@@ -296,8 +296,7 @@ class TaskPrompts(Batches):
             raise ValueError(f"an RL prompt of {width} tokens leaves no room for a reply in the model's "
                              f"block_size {block_size}")
         prompts = [p for p in batch["prompts"] for _ in range(self.samples)]
-        x = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
-        pad = torch.tensor([width - len(p) for p in prompts], device=device)
+        x, pad = left_pad(prompts, self.pad, device)
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in batch["seeds"].tolist()]
         out = policy.generate(x, min(self.max_new_tokens, block_size - width), self.temperature, stop_tokens=(self.end,),
                               generator=[g for g in generators for _ in range(self.samples)], pad=pad)

@@ -274,7 +274,7 @@ class GPT(nn.Module):
                  use_cache=True, generator=None, pad=None):
         """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
         pad (B,): how many of each row's first tokens are left padding (prompts of unequal length in one
-        batch); each row is then generated as it would be alone (until the batch fills the window).
+        batch: left_pad); each row is then generated as it would be alone (until the batch fills the window).
         Stops early once every row has produced one of stop_tokens.
         The context window: a prompt longer than block_size is cropped to its last block_size tokens; when
         the window fills up, the oldest half is dropped and the rest re-encoded (a cache refill). The
@@ -283,15 +283,15 @@ class GPT(nn.Module):
         if idx.size(1) > bs:
             pad = None if pad is None else (pad - (idx.size(1) - bs)).clamp(min=0)
             idx = idx[:, -bs:]
-        window_start = 0        # the model sees idx[:, window_start:]
+        window_start, window_pad = 0, pad  # the model sees idx[:, window_start:], with window_pad padding
         cache = None
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.size(1) - window_start >= bs:  # full: keep the newest half
                 window_start = idx.size(1) - bs // 2
+                window_pad = None if pad is None else (pad - window_start).clamp(min=0)
                 cache = None
-            window_pad = None if pad is None else (pad - window_start).clamp(min=0)
             if not use_cache:
                 logits, _ = self(idx[:, window_start:], pad=window_pad)
             elif cache is None:
@@ -306,6 +306,14 @@ class GPT(nn.Module):
                 if done.all():
                     break
         return idx
+
+
+def left_pad(prompts, pad_id, device=None):
+    """Token lists of unequal lengths as one batch for generate: (idx (B, T) with pad_id on the left of
+    the shorter rows, pad (B,) the number of padding tokens of each row)."""
+    width = max(map(len, prompts))
+    idx = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, torch.tensor([width - len(p) for p in prompts], device=device)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

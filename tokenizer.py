@@ -197,7 +197,7 @@ def chat_replies(model, enc, conversations, num_samples=1, max_new_tokens=128, t
     (model.generate's pad), so a greedy reply in a batch is the reply the conversation gets alone (in
     float32; in bfloat16, up to rounding).
     Sampled replies depend on the batches."""
-    import torch  # here: prepare.py reads this module for pretraining data without torch's import time
+    from model import left_pad  # here: prepare.py reads this module for pretraining data without torch's import time
     prompts = [render_chat(enc, messages, generation_prompt=True)[0][-model.config.block_size:]
                for messages in conversations]
     device = next(model.parameters()).device
@@ -211,13 +211,10 @@ def chat_replies(model, enc, conversations, num_samples=1, max_new_tokens=128, t
         batches[-1].append(i)
     replies = [None] * len(prompts)
     for batch in batches:
-        width = len(prompts[batch[-1]])
-        rows = [prompts[i] for i in batch for _ in range(num_samples)]
-        x = torch.tensor([[end] * (width - len(p)) + p for p in rows], dtype=torch.long, device=device)
-        pad = torch.tensor([width - len(p) for p in rows], device=device)
+        x, pad = left_pad([prompts[i] for i in batch for _ in range(num_samples)], end, device)
         out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(end,), generator=generator,
                              pad=pad if pad.any() else None)
-        out = out[:, width:].tolist()
+        out = out[:, x.size(1):].tolist()
         for j, i in enumerate(batch):
             replies[i] = [decode_reply(enc, row, end) for row in out[j * num_samples:(j + 1) * num_samples]]
     return replies

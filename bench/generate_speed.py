@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import export  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, left_pad  # noqa: E402
 
 PROMPT, NEW = 32, 192
 
@@ -71,9 +71,8 @@ def unequal_lengths(model, hf, runs, n=16, new=64):
     left-padded batch, and whether the padded rows equal the prompts' one-at-a-time replies."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4096, (int(n_),), generator=g) for n_ in torch.randint(8, 57, (n,), generator=g)]
-    width = max(len(p) for p in prompts)
-    x = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
-    pad = torch.tensor([width - len(p) for p in prompts])
+    x, pad = left_pad([p.tolist() for p in prompts], 0)
+    width = x.size(1)
 
     def grouped():
         by_length = {}
