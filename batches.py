@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 import tasks
-from model import doc_ids_from_eot, left_pad
-from tokenizer import decode_reply, load_tokenizer, render_chat
+from engine import completion_rows, whole_rows
+from model import doc_ids_from_eot
+from tokenizer import load_tokenizer, render_chat
 
 
 class DatasetError(Exception):
@@ -251,8 +252,7 @@ class TaskPrompts(Batches):
     tokenizer (the checkpoint's: RL reads no dataset). Each prompt comes from a seed drawn by the run's
     sampler (or the evaluation's generator); the seed also draws the prompt's sampled replies, so a
     prompt and its replies are the same whichever process takes them. A batch of n prompts counts
-    n * samples loss terms: one per reply. The replies are the policy's own (replies), judged by the
-    tasks' checker and, if one is given, scored by a reward model (rewards)."""
+    n * samples loss terms: one per reply; train.py's RLLoss samples and scores the replies."""
     kind = "rl"
 
     def __init__(self, cfg, ckpt):
@@ -266,8 +266,6 @@ class TaskPrompts(Batches):
                                    f"(SFT) checkpoint")
         self.end, self.pad = self.enc.encode_single_token("<|im_end|>"), self.enc.encode_single_token("<|pad|>")
         self.tasks, self.samples = tuple(cfg["rl_tasks"] or tasks.TASKS), cfg["rl_samples"]
-        self.temperature, self.max_new_tokens, self.task_reward = (cfg["rl_temperature"], cfg["rl_max_new_tokens"],
-                                                                   cfg["task_reward"])
 
     def count(self, batch):
         return torch.tensor(len(batch["prompts"]) * self.samples)
@@ -281,64 +279,6 @@ class TaskPrompts(Batches):
             prompts.append(render_chat(self.enc, [{"role": "user", "content": prompt}], generation_prompt=True)[0])
             answers.append(answer)
         return {"prompts": prompts, "answers": answers, "seeds": seeds}
-
-    @torch.no_grad()
-    def replies(self, policy, batch):
-        """(prompt, reply) token lists, samples per prompt, drawn by the policy in eval mode, all in one
-        left-padded batch; a prompt's replies draw from a generator seeded with its seed alone, so they are
-        the same in any batch. A reply ends with <|im_end|> or at max_new_tokens. ValueError for a prompt
-        that leaves no room to reply."""
-        was_training = policy.training
-        policy.eval()
-        device, block_size = next(policy.parameters()).device, policy.config.block_size
-        width = max(map(len, batch["prompts"]))
-        if width >= block_size:
-            raise ValueError(f"an RL prompt of {width} tokens leaves no room for a reply in the model's "
-                             f"block_size {block_size}")
-        prompts = [p for p in batch["prompts"] for _ in range(self.samples)]
-        x, pad = left_pad(prompts, self.pad, device)
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed in batch["seeds"].tolist()]
-        out = policy.generate(x, min(self.max_new_tokens, block_size - width), self.temperature, stop_tokens=(self.end,),
-                              generator=[g for g in generators for _ in range(self.samples)], pad=pad)
-        policy.train(was_training)
-        return [(prompt, row[:row.index(self.end) + 1] if self.end in row else row)
-                for prompt, row in zip(prompts, out[:, width:].tolist())]
-
-    @torch.no_grad()
-    def rewards(self, seqs, answers, reward_model=None):
-        """Per reply, the tasks' verdict (1 or 0), and its reward: that verdict (task_reward) and/or the
-        reward model's score."""
-        passed = torch.tensor([float(tasks.check(answers[i // self.samples], decode_reply(self.enc, reply, self.end)))
-                               for i, (_, reply) in enumerate(seqs)])
-        reward = passed.clone() if self.task_reward else torch.zeros(len(seqs))
-        if reward_model is not None:
-            device = next(reward_model.parameters()).device
-            rows = to_device(whole_rows(seqs, self.pad), str(device))
-            reward += reward_model(rows["idx"], reward_at=rows["last"])[0].float().cpu()
-        return passed, reward
-
-
-def completion_rows(seqs, pad):
-    """(prompt, completion) token sequences as right-padded rows of next-token inputs and targets, only
-    the completion's tokens being targets (-100 elsewhere)."""
-    seqs = [(list(p), list(c)) for p, c in seqs]
-    idx = torch.full((len(seqs), max(len(p) + len(c) for p, c in seqs) - 1), pad, dtype=torch.long)
-    targets = torch.full_like(idx, -100)
-    for i, (prompt, completion) in enumerate(seqs):
-        t = torch.tensor(prompt + completion)
-        idx[i, :len(t) - 1] = t[:-1]
-        targets[i, len(prompt) - 1:len(t) - 1] = t[len(prompt):]
-    return {"idx": idx, "targets": targets}
-
-
-def whole_rows(seqs, pad):
-    """(prompt, completion) token sequences as right-padded whole rows, and 'last', the position of each
-    row's last token (where a reward model reads its score)."""
-    whole = [list(p) + list(c) for p, c in seqs]
-    idx = torch.full((len(whole), max(map(len, whole))), pad, dtype=torch.long)
-    for i, t in enumerate(whole):
-        idx[i, :len(t)] = torch.tensor(t)
-    return {"idx": idx, "last": torch.tensor([len(t) - 1 for t in whole])}
 
 
 def to_device(batch, device):

@@ -24,11 +24,10 @@ import re
 import sys
 
 import numpy as np
-import torch
 
 from configurator import progress
 from download import PRESETS
-from model import KVCache
+from engine import chat_replies, complete, encode_pair, loglikelihoods, text_of
 
 NAMES = ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "mmlu_5shot", "gsm8k")
 COLUMNS = {"hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
@@ -128,52 +127,12 @@ def gsm8k_items(test, train, limit, shots=5, seed=1234):
 # ----------------------------------------------------------------------------- multiple choice
 
 
-def encode_pair(enc, context, continuation):
-    """(context tokens, continuation tokens): the continuation's are the tokens of context + continuation
-    after the context's own; spaces ending the context move to the continuation first."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole, ctx = enc.encode_ordinary(context + continuation), enc.encode_ordinary(context)
-    return ctx, whole[len(ctx):]
-
-
-@torch.no_grad()
-def loglikelihoods(model, enc, requests, batch_tokens=16384, desc="scoring"):
-    """Summed log-probability of each (context, continuation) request's continuation tokens. Requests run
-    longest first, as many per forward as fit in batch_tokens, right-padded: a causal model's logits at
-    the real positions do not see the padding."""
-    T = model.config.block_size
-    device = next(model.parameters()).device
-    seqs = []
-    for context, continuation in requests:
-        ctx, cont = encode_pair(enc, context, continuation)
-        seqs.append(((ctx + cont)[-(T + 1):][:-1], cont))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    out = [0.0] * len(seqs)
-    bar = progress(total=len(seqs), desc=desc, unit=" choices")
-    i = 0
-    while i < len(order):
-        width = len(seqs[order[i]][0])
-        batch = order[i:i + max(1, batch_tokens // width)]
-        x = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, j in enumerate(batch):
-            x[row, :len(seqs[j][0])] = torch.tensor(seqs[j][0])
-        logp = model(x.to(device))[0].float().log_softmax(-1)
-        for row, j in enumerate(batch):
-            inp, cont = seqs[j]
-            positions = torch.arange(len(inp) - len(cont), len(inp), device=device)
-            out[j] = logp[row, positions, torch.tensor(cont, device=device)].sum().item()
-        i += len(batch)
-        bar.update(len(batch))
-    bar.close()
-    return out
-
-
 def multiple_choice(model, enc, items, batch_tokens, desc):
     """acc, acc_norm and, per item, the choice each picks."""
-    requests = [(it["prompt"], " " + choice) for it in items for choice in it["choices"]]
-    lls = loglikelihoods(model, enc, requests, batch_tokens, desc)
+    pairs = [encode_pair(enc, it["prompt"], " " + choice) for it in items for choice in it["choices"]]
+    bar = progress(total=len(pairs), desc=desc, unit=" choices")
+    lls = loglikelihoods(model, pairs, batch_tokens, bar.update)
+    bar.close()
     picked, picked_norm, k = [], [], 0
     for it in items:
         ll = np.array(lls[k:k + len(it["choices"])])
@@ -211,36 +170,6 @@ def gsm8k_match(prediction, reference):
     return prediction.lower() == reference.lower()
 
 
-@torch.no_grad()
-def greedy_until(model, enc, prompt, max_new_tokens=MAX_GEN_TOKENS):
-    """The greedy continuation of a prompt, at most max_new_tokens, ended by <|endoftext|> or <|im_end|>
-    and cut at the first of the harness's stop strings; other special tokens and ids beyond the tokenizer
-    are left out of the text, as a Hugging Face tokenizer's decode(skip_special_tokens=True) does. The
-    prompt loses its oldest tokens to leave room for the continuation within block_size."""
-    room = model.config.block_size - max_new_tokens
-    if room <= 0:
-        raise BenchmarkError(f"gsm8k generates up to {max_new_tokens} tokens: block_size "
-                             f"{model.config.block_size} leaves no room for a prompt")
-    specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    ends = {enc.encode_single_token(s) for s in ("<|endoftext|>", "<|im_end|>") if s in enc.special_tokens_set}
-    device = next(model.parameters()).device
-    cache, text_ids = KVCache(model.config), []
-    logits = model(torch.tensor([enc.encode_ordinary(prompt)[-room:]], device=device), cache=cache)[0]
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        if token in ends:
-            break
-        if token < enc.n_vocab and token not in specials:
-            text_ids.append(token)
-            if any(stop in enc.decode(text_ids) for stop in GSM8K_UNTIL):
-                break  # greedy: what follows the stop string is cut anyway
-        logits = model(torch.tensor([[token]], device=device), cache=cache)[0]
-    text = enc.decode(text_ids)
-    for stop in GSM8K_UNTIL:
-        text = text.split(stop)[0]
-    return text
-
-
 def chat_messages(item):
     """A GSM8K item as a conversation: each example a user turn and an assistant turn, then the question."""
     examples = [{"role": role, "content": text} for q, a in item["examples"] for role, text in (("user", q),
@@ -248,19 +177,34 @@ def chat_messages(item):
     return examples + [{"role": "user", "content": item["question"]}]
 
 
-def gsm8k(model, enc, items, chat=False, desc="gsm8k"):
+def gsm8k(model, enc, items, chat=False, desc="gsm8k", batch_rows=64):
     """Exact match of the strict and the flexible extraction, and per item the generated text and both
-    extracted answers. chat: each example is a user turn and an assistant turn, the question the last
-    user turn; the reply is generated in the chat template until <|im_end|>."""
-    from tokenizer import chat_replies
-    out = {"generations": [], "strict": [], "flexible": [], "hits_strict": [], "hits_flexible": []}
-    for it in progress(items, desc=desc, unit=" items"):
-        if chat:
-            text = chat_replies(model, enc, [chat_messages(it)], max_new_tokens=MAX_GEN_TOKENS)[0][0]
-        else:
-            text = greedy_until(model, enc, it["prompt"])
+    extracted answers. Greedy, in batches of prompts (engine.complete): at most MAX_GEN_TOKENS, ended by
+    <|endoftext|> or <|im_end|> and cut at the first of the harness's stop strings; special tokens and
+    ids beyond the tokenizer are left out of the text, as a Hugging Face tokenizer's
+    decode(skip_special_tokens=True) does. A prompt loses its oldest tokens to leave room for the reply.
+    chat: each example is a user turn and an assistant turn, the question the last user turn; the reply
+    is generated in the chat template until <|im_end|>."""
+    bar = progress(total=len(items), desc=desc, unit=" items")
+    if chat:
+        texts = [r[0] for r in chat_replies(model, enc, [chat_messages(it) for it in items],
+                                            max_new_tokens=MAX_GEN_TOKENS, batch_rows=batch_rows)]
+    else:
+        room = model.config.block_size - MAX_GEN_TOKENS
+        if room <= 0:
+            raise BenchmarkError(f"gsm8k generates up to {MAX_GEN_TOKENS} tokens: block_size "
+                                 f"{model.config.block_size} leaves no room for a prompt")
+        ends = tuple(enc.encode_single_token(s) for s in ("<|endoftext|>", "<|im_end|>") if s in enc.special_tokens_set)
+        stopped = lambda ids: any(stop in text_of(enc, ids, skip_special=True) for stop in GSM8K_UNTIL)  # noqa: E731
+        replies = complete(model, [enc.encode_ordinary(it["prompt"])[-room:] for it in items], MAX_GEN_TOKENS,
+                           stop_tokens=ends, batch_rows=batch_rows, finished=stopped, progress=bar.update)
+        texts = [text_of(enc, r[0], skip_special=True) for r in replies]
+        for stop in GSM8K_UNTIL:
+            texts = [t.split(stop)[0] for t in texts]
+    bar.close()
+    out = {"generations": texts, "strict": [], "flexible": [], "hits_strict": [], "hits_flexible": []}
+    for it, text in zip(items, texts):
         strict, flexible = strict_answer(text), flexible_answer(text)
-        out["generations"].append(text)
         out["strict"].append(strict)
         out["flexible"].append(flexible)
         out["hits_strict"].append(int(gsm8k_match(strict, it["answer"])))

@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from sources import DataError, hashed_fraction, in_workers, jsonl_lines, list_units, mix_plan, mix_repeats
-from tokenizer import chat_replies, check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
+from tokenizer import check_uint16, inline_spec, load_tokenizer, render_chat, save_bpe
 
 PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, RecursionError)  # a record that is not one
 
@@ -484,6 +484,7 @@ def on_policy_pairs(cfg, model, enc, split, n, stats):
     pair are the model's own)."""
     import tasks
     import torch
+    from engine import chat_replies
     g = torch.Generator().manual_seed(cfg["seed"])
     pairs = []
     examples = tasks.make_examples(n, split, cfg["seed"], cfg["tasks"] or tuple(tasks.TASKS))

@@ -27,7 +27,8 @@ from configurator import NON_NEGATIVE, configure, one_of, require
 import checkpoint
 from batches import DatasetError, RewardBatches
 from parallel import DTYPES, autocast_context
-from tokenizer import chat_replies, render_chat
+from engine import chat_replies, loglikelihoods
+from tokenizer import render_chat
 
 defaults = dict(
     out_dir="out",              # the checkpoint's directory (eval.json is written there)
@@ -90,23 +91,15 @@ def bits_per_byte(model, enc, ids, device, batch_size=8):
     return {"val_bpb": nats / (math.log(2) * text_bytes), "val_ppl": math.exp(nats / tokens), "val_tokens": int(tokens)}
 
 
-@torch.no_grad()
-def choice_logprob(model, enc, context, choice, device):
-    """Summed log-probability of the choice's tokens after the context."""
-    ctx_ids, ch_ids = enc.encode_ordinary(context), enc.encode_ordinary(choice)
-    ids = (ctx_ids + ch_ids)[-(model.config.block_size + 1):]
-    x = torch.tensor([ids[:-1]], device=device)
-    logp = model(x)[0][0].float().log_softmax(-1)
-    n = len(ch_ids)
-    return logp[-n:].gather(1, torch.tensor(ids[-n:], device=device)[:, None]).sum().item()
-
-
-def multiple_choice(model, enc, items, device):
-    """acc: the choice of highest log-likelihood; acc_norm: of highest log-likelihood per character
-    (HellaSwag's length normalization, which keeps long choices from losing for their length)."""
+def multiple_choice(model, enc, items):
+    """acc: the choice of highest log-likelihood (the summed log-probability of its tokens, encoded on
+    their own, after the context's); acc_norm: of highest log-likelihood per character (HellaSwag's length
+    normalization, which keeps long choices from losing for their length)."""
+    lls = iter(loglikelihoods(model, [(enc.encode_ordinary(it["context"]), enc.encode_ordinary(c))
+                                      for it in items for c in it["choices"]]))
     hit = hit_norm = 0
     for it in items:
-        scores = [choice_logprob(model, enc, it["context"], c, device) for c in it["choices"]]
+        scores = [next(lls) for _ in it["choices"]]
         hit += int(np.argmax(scores)) == it["label"]
         hit_norm += int(np.argmax([s / len(c) for s, c in zip(scores, it["choices"])])) == it["label"]
     return {"mc_acc": hit / len(items), "mc_acc_norm": hit_norm / len(items), "mc_n": len(items)}
@@ -238,7 +231,7 @@ def evaluate(cfg):
         if cfg["mc_n"] or cfg["mc_file"]:
             say("multiple choice")
             items = read_choices(cfg["mc_file"]) if cfg["mc_file"] else tasks.choice_examples(cfg["mc_n"], "val", cfg["seed"])
-            results.update(multiple_choice(model, enc, items, device))
+            results.update(multiple_choice(model, enc, items))
         if cfg["tasks_n"]:
             say(f"exact match on {cfg['tasks_n']} held-out ({cfg['tasks_split']}) task prompts, greedy and sampled")
             held_out = tasks.make_examples(cfg["tasks_n"], cfg["tasks_split"], cfg["seed"],

@@ -7,7 +7,7 @@ A modern decoder-only transformer, written out in full:
 Attention is grouped-query with rotary position embeddings and a KV cache for generation. The layout
 follows Llama (rotary rotates the two halves of each head), so the weights map one to one to it
 (export.py). Read top to bottom: the config, the norm, rotary, attention and its cache, the MLP, the
-block, the model, and generation.
+block, and the model. The decoding loop that fills the cache lives in engine.py (generate).
 """
 import math
 from dataclasses import dataclass
@@ -82,8 +82,8 @@ def rotary_tables(head_dim, length, theta):
 def apply_rotary(x, cos, sin):
     """Rotate each pair (x1[i], x2[i]) of the two halves of every head by its position's angle, as a complex
     number times e^(i angle) would be. x: (B, H, T, D). The dot product of a rotated query and key then
-    depends only on their distance. Computed in float32 and rounded once: with each product rounded to
-    bf16, the demo's pretrained model ends visibly worse (docs/log.md, 2026-12-02)."""
+    depends only on their distance. Computed in float32 and rounded once: rounding each product to bf16
+    measurably worsens a trained model."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
@@ -268,73 +268,3 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
-                 use_cache=True, generator=None, pad=None):
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
-        pad (B,): how many of each row's first tokens are left padding (prompts of unequal length in one
-        batch: left_pad); each row is then generated as it would be alone (until the batch fills the window).
-        Stops early once every row has produced one of stop_tokens.
-        The context window: a prompt longer than block_size is cropped to its last block_size tokens; when
-        the window fills up, the oldest half is dropped and the rest re-encoded (a cache refill). The
-        no-cache path uses the same window, so both paths see the same context and agree exactly."""
-        bs = self.config.block_size
-        if idx.size(1) > bs:
-            pad = None if pad is None else (pad - (idx.size(1) - bs)).clamp(min=0)
-            idx = idx[:, -bs:]
-        window_start, window_pad = 0, pad  # the model sees idx[:, window_start:], with window_pad padding
-        cache = None
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if idx.size(1) - window_start >= bs:  # full: keep the newest half
-                window_start = idx.size(1) - bs // 2
-                window_pad = None if pad is None else (pad - window_start).clamp(min=0)
-                cache = None
-            if not use_cache:
-                logits, _ = self(idx[:, window_start:], pad=window_pad)
-            elif cache is None:
-                cache = KVCache(self.config)
-                logits, _ = self(idx[:, window_start:], cache=cache, pad=window_pad)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache, pad=window_pad)
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_id), dim=1)
-            if len(stop):
-                done |= torch.isin(next_id[:, 0], stop)
-                if done.all():
-                    break
-        return idx
-
-
-def left_pad(prompts, pad_id, device=None):
-    """Token lists of unequal lengths as one batch for generate: (idx (B, T) with pad_id on the left of
-    the shorter rows, pad (B,) the number of padding tokens of each row)."""
-    width = max(map(len, prompts))
-    idx = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    return idx, torch.tensor([width - len(p) for p in prompts], device=device)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling.
-    generator: a torch.Generator, or a list of one per row (rows may share one), so that a row's draws
-    depend on its own generator only, whatever else is in the batch."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # drop the tail outside the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    if isinstance(generator, (list, tuple)):  # inverse transform sampling, one uniform in (0, 1] per row
-        cdf = logits.softmax(-1).cumsum(-1)
-        u = torch.cat([1 - torch.rand(1, generator=g, device=logits.device) for g in generator])
-        return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:])
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -14,7 +14,8 @@ import torch
 from configurator import AT_LEAST_1, NON_NEGATIVE, configure, one_of, require
 import checkpoint
 from parallel import DTYPES, autocast_context
-from tokenizer import chat_replies, eot_token
+from engine import chat_replies, generate
+from tokenizer import eot_token
 
 defaults = dict(
     out_dir="out",          # directory holding ckpt.pt (or the path of a .pt file)
@@ -89,8 +90,8 @@ def main():
     for _ in range(cfg["num_samples"]):
         t0 = time.perf_counter()
         with ctx:
-            y = model.generate(x, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
-                               cfg["top_p"], stop_tokens=() if eot is None else (eot,))
+            y = generate(model, x, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                         cfg["top_p"], stop_tokens=() if eot is None else (eot,))
         new = y[0, min(len(ids), model.config.block_size):].tolist()
         dt = time.perf_counter() - t0
         print(start + enc.decode([t for t in new if t < enc.n_vocab]))  # ids past the tokenizer: padding

@@ -22,7 +22,7 @@ import checkpoint
 import tasks
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, configure, require
 from parallel import autocast_context
-from tokenizer import chat_replies
+from engine import chat_replies
 
 defaults = dict(
     a="",                       # the two checkpoints (run directories or .pt files)

@@ -170,9 +170,9 @@ def make_examples(n, split, seed, tasks=tuple(TASKS)):
 def accuracy(model, enc, examples, temperature=0.0, generator=None):
     """Exact-match accuracy of the replies, per task and over all examples, and "hits": each example's
     1 or 0 in order (paired comparisons of two models on the same prompts need them). The replies are
-    generated in batches (tokenizer.chat_replies): greedy ones equal one-at-a-time replies; sampled ones
+    generated in batches (engine.chat_replies): greedy ones equal one-at-a-time replies; sampled ones
     depend only on the seed and the examples."""
-    from tokenizer import chat_replies
+    from engine import chat_replies  # here: prepare.py reads this module without importing torch
     model.eval()
     replies = chat_replies(model, enc, [ex["messages"][:1] for ex in examples], max_new_tokens=64,
                            temperature=temperature, generator=generator)

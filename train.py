@@ -30,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import parallel
 import tasks
-from batches import (DatasetError, PreferenceBatches, PretrainBatches, RewardBatches, SFTBatches, TaskPrompts,
-                     completion_rows, to_device)
+from batches import DatasetError, PreferenceBatches, PretrainBatches, RewardBatches, SFTBatches, TaskPrompts, to_device
+from engine import (completion_rows, generate, left_pad, sequence_logps, text_of, token_logps, until_stop,
+                    whole_rows)
 from configurator import AT_LEAST_1, NON_NEGATIVE, NOT_EMPTY, POSITIVE, configure, one_of, require
 from model import GPT, GPTConfig
 from optim import configure_optimizer
@@ -129,17 +130,6 @@ def next_token_loss(model, batch):
     return model(batch["idx"], batch["targets"], doc_ids=batch.get("doc_ids"), reduction="sum")[1], {}
 
 
-def token_logps(logits, targets):
-    """The log-probability of each target token (B, T); 0 where there is none (-100)."""
-    logp = torch.gather(logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
-    return logp * (targets != -100)
-
-
-def sequence_logps(logits, targets):
-    """Per row: the summed log-probability of its targets, and how many there are (-100 = none)."""
-    return token_logps(logits, targets).sum(-1), (targets != -100).sum(-1)
-
-
 def preference_loss(cfg, pi_c, pi_r, len_c, len_r, ref_c=None, ref_r=None):
     """Per-pair losses and implicit rewards from summed completion log-probs (policy pi, reference ref).
     Delta = [pi(y_w) - ref(y_w)] - [pi(y_l) - ref(y_l)]; averaged forms divide each log-prob by its length.
@@ -234,20 +224,56 @@ def policy_gradient_loss(logps, ref_logps, mask, advantages, beta):
 
 
 class RLLoss:
-    """mode='rl': for each prompt of the batch, the batch source's replies, sampled from the current policy
-    under no_grad, and their rewards; then policy_gradient_loss summed over the replies, scored with
+    """mode='rl': for each prompt of the batch, rl_samples replies sampled from the current policy
+    (replies) and their rewards (rewards); then policy_gradient_loss summed over the replies, scored with
     gradients by the (DDP-wrapped) model in one forward, with the mean reward, KL, reply length and
     pass@1 (the share of sampled replies the checker accepts)."""
 
     def __init__(self, cfg, prompts, reference, reward_model):
         self.cfg, self.prompts, self.reference, self.reward_model = cfg, prompts, reference, reward_model
 
+    @torch.no_grad()
+    def replies(self, policy, batch):
+        """(prompt, reply) token lists, rl_samples per prompt, drawn by the policy in eval mode, all in one
+        left-padded batch; a prompt's replies draw from a generator seeded with its seed alone, so they are
+        the same in any batch. A reply ends with <|im_end|> or at rl_max_new_tokens. ValueError for a prompt
+        that leaves no room to reply."""
+        was_training, samples, end = policy.training, self.cfg["rl_samples"], self.prompts.end
+        policy.eval()
+        device, block_size = next(policy.parameters()).device, policy.config.block_size
+        width = max(map(len, batch["prompts"]))
+        if width >= block_size:
+            raise ValueError(f"an RL prompt of {width} tokens leaves no room for a reply in the model's block_size "
+                             f"{block_size}")
+        prompts = [p for p in batch["prompts"] for _ in range(samples)]
+        x, pad = left_pad(prompts, self.prompts.pad, device)
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in batch["seeds"].tolist()]
+        out = generate(policy, x, min(self.cfg["rl_max_new_tokens"], block_size - width), self.cfg["rl_temperature"],
+                       stop_tokens=(end,), generator=[g for g in generators for _ in range(samples)], pad=pad)
+        policy.train(was_training)
+        return [(prompt, row[:row.index(end) + 1] if end in row else row)
+                for prompt, row in zip(prompts, out[:, width:].tolist())]
+
+    @torch.no_grad()
+    def rewards(self, seqs, answers):
+        """Per reply, the tasks' verdict (1 or 0), and its reward: that verdict (task_reward) and/or the
+        reward model's score."""
+        enc, end, samples = self.prompts.enc, self.prompts.end, self.cfg["rl_samples"]
+        passed = torch.tensor([float(tasks.check(answers[i // samples], text_of(enc, until_stop(reply, (end,)))))
+                               for i, (_, reply) in enumerate(seqs)])
+        reward = passed.clone() if self.cfg["task_reward"] else torch.zeros(len(seqs))
+        if self.reward_model is not None:
+            device = next(self.reward_model.parameters()).device
+            rows = to_device(whole_rows(seqs, self.prompts.pad), str(device))
+            reward += self.reward_model(rows["idx"], reward_at=rows["last"])[0].float().cpu()
+        return passed, reward
+
     def __call__(self, model, batch):
         try:
-            seqs = self.prompts.replies(getattr(model, "module", model), batch)  # sampling: past DDP's wrapper
+            seqs = self.replies(getattr(model, "module", model), batch)  # sampling: past DDP's wrapper
         except ValueError as e:
             fail(str(e))
-        passed, reward = self.prompts.rewards(seqs, batch["answers"], self.reward_model)
+        passed, reward = self.rewards(seqs, batch["answers"])
         device = str(batch["seeds"].device)
         rows = to_device(completion_rows(seqs, self.prompts.pad), device)
         logps = token_logps(model(rows["idx"])[0], rows["targets"])

@@ -1,5 +1,5 @@
 """
-Generation speed: model.generate against Hugging Face transformers' generate on the same weights (a
+Generation speed: engine.generate against Hugging Face transformers' generate on the same weights (a
 random model of 6 layers x 384, GQA 6/2, vocab 4096, exported with export.py and loaded as
 LlamaForCausalLM), greedy, float32, a 32-token prompt and 192 new tokens, at batch 1 and 16, in one
 process, alternating run by run. Prints the median tokens/s of each, the ratio, and whether the tokens
@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import export  # noqa: E402
-from model import GPT, GPTConfig, left_pad  # noqa: E402
+from engine import generate, left_pad  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 PROMPT, NEW = 32, 192
 
@@ -46,7 +47,7 @@ def main():
     for batch in map(int, args.batches.split(",")):
         x = torch.randint(4096, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
         runs = {
-            "ours": lambda: ours.generate(x, NEW, temperature=0)[:, PROMPT:],
+            "ours": lambda: generate(ours, x, NEW, temperature=0)[:, PROMPT:],
             "hf": lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, min_new_tokens=NEW,
                                       do_sample=False, pad_token_id=0)[:, PROMPT:],
         }
@@ -78,18 +79,18 @@ def unequal_lengths(model, hf, runs, n=16, new=64):
         by_length = {}
         for p in prompts:
             by_length.setdefault(len(p), []).append(p)
-        return [model.generate(torch.stack(group), new, temperature=0) for group in by_length.values()]
+        return [generate(model, torch.stack(group), new, temperature=0) for group in by_length.values()]
 
     mask = (torch.arange(width) >= pad[:, None]).long()
     hf_run = lambda: hf.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,  # noqa: E731
                                  do_sample=False, pad_token_id=0)
     times = {"padded": [], "grouped": [], "hf": []}
     with torch.no_grad():
-        padded = model.generate(x, new, temperature=0, pad=pad)[:, width:]
-        alone = torch.cat([model.generate(p[None], new, temperature=0)[:, len(p):] for p in prompts])
+        padded = generate(model, x, new, temperature=0, pad=pad)[:, width:]
+        alone = torch.cat([generate(model, p[None], new, temperature=0)[:, len(p):] for p in prompts])
         hf_tokens = hf_run()[:, width:]
         for _ in range(runs):
-            for name, run in (("padded", lambda: model.generate(x, new, temperature=0, pad=pad)), ("grouped", grouped),
+            for name, run in (("padded", lambda: generate(model, x, new, temperature=0, pad=pad)), ("grouped", grouped),
                               ("hf", hf_run)):
                 t0 = time.perf_counter()
                 run()

@@ -1,5 +1,5 @@
-# The CPU reference benchmark, the same settings nanoGPT's figures below the README's Benchmarks table were
-# measured at: byte-level Python stdlib corpus, 4x256 model, block 256, batch 16, 600 iterations.
+# The CPU reference benchmark, the settings of nanoGPT's CPU figures quoted in bench/README.md:
+# byte-level Python stdlib corpus, 4x256 model, block 256, batch 16, 600 iterations.
 #   python bench/make_stdlib_bytes.py data/stdlib_bytes && python bench/train_bench.py config/bench_cpu.py
 dataset = "stdlib_bytes"
 n_layer = 4

@@ -1,6 +1,6 @@
 # A ~1B-parameter Llama-shaped model on one 8-GPU node, its training state sharded with FSDP:
 #   torchrun --standalone --nproc_per_node=8 train.py config/pretrain_1b.py
-#   python parallel.py out/pretrain_1b      # ckpt.pt from the latest shards (also written at the end)
+#   python checkpoint.py out/pretrain_1b     # ckpt.pt from the latest shards (also written at the end)
 #
 # Model: 22 layers, 2048 wide, 32 query heads of 64 and 8 key/value heads (grouped-query), SwiGLU 5504
 # wide, 2048 context, GPT-2 vocabulary padded to 50,304, tied head: N = 1,077,766,144 parameters,

@@ -15,6 +15,7 @@ import torch
 
 import benchmarks
 import checkpoint
+import engine
 from benchmark_files import harness_tasks
 from benchmark_files import write as write_benchmark_files
 from conftest import run_script
@@ -87,7 +88,7 @@ def test_gsm8k_answers_as_the_harness_extracts_and_matches_them():
 
 
 def test_encode_pair_moves_the_contexts_spaces_to_the_continuation():
-    ctx, cont = benchmarks.encode_pair(ENC, "Question: 2 + 2?\nAnswer: ", "4")
+    ctx, cont = engine.encode_pair(ENC, "Question: 2 + 2?\nAnswer: ", "4")
     assert ctx == ENC.encode_ordinary("Question: 2 + 2?\nAnswer:")
     assert cont == ENC.encode_ordinary(" 4")
 
@@ -164,7 +165,7 @@ def test_every_prediction_agrees_with_lm_evaluation_harness(tmp_path):
         assert ours[name]["picked"] == [int(np.argmax(ll)) for ll in lls], name
         assert ours[name]["picked_norm"] == [int(np.argmax(ll / n)) for ll, n in zip(lls, lengths)], name
         assert ours[name]["acc"] == pytest.approx(np.mean([s["acc"] for s in theirs]))
-        mine = benchmarks.loglikelihoods(model, ENC, [(it["prompt"], " " + c) for it in items for c in it["choices"]])
+        mine = engine.loglikelihoods(model, [engine.encode_pair(ENC, it["prompt"], " " + c) for it in items for c in it["choices"]])
         assert np.allclose(mine, np.concatenate(lls), rtol=1e-4, atol=1e-3), name
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import chat_data
+import engine
 import train
 from conftest import read_metrics, run_script, write_dpo_split
 from model import GPT, GPTConfig
@@ -116,9 +117,9 @@ def test_reference_is_frozen():
 def test_prompt_logps_do_not_matter():
     batch = pair_batch(PAIRS)
     logits = torch.randn(*batch["idx"].shape, 320)
-    a, n = train.sequence_logps(logits, batch["targets"])
+    a, n = engine.sequence_logps(logits, batch["targets"])
     prompt = batch["targets"] == -100
-    b, _ = train.sequence_logps(logits + 5 * torch.randn_like(logits) * prompt[..., None], batch["targets"])
+    b, _ = engine.sequence_logps(logits + 5 * torch.randn_like(logits) * prompt[..., None], batch["targets"])
     torch.testing.assert_close(a, b)
     assert n.tolist() == [len(c) + 1 for _, c, _ in PAIRS] + [len(r) + 1 for _, _, r in PAIRS]
 
@@ -187,7 +188,7 @@ def test_on_policy_pairs_reject_a_wrong_greedy_answer(monkeypatch, reference_cho
     (here: every third prompt's reference is made to be the model's greedy answer) it is chosen. A prompt
     with no correct answer gets the reference as chosen, or no pair with reference_chosen=False."""
     import tasks
-    from tokenizer import chat_replies
+    from engine import chat_replies
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)).eval()
     with torch.no_grad():  # sharper logits: varied greedy answers, and samples that differ from them

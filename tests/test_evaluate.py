@@ -51,7 +51,7 @@ def test_multiple_choice_picks_the_planted_answer():
     model.eval()
     items = [{"context": "the cat sat on the", "choices": [" dog.", " mat.", " moon tonight."], "label": 1},
              {"context": "the cat sat", "choices": [" on the mat.", " by it.", " xq."], "label": 0}]
-    assert evaluate.multiple_choice(model, ENC, items, "cpu") == {"mc_acc": 1.0, "mc_acc_norm": 1.0, "mc_n": 2}
+    assert evaluate.multiple_choice(model, ENC, items) == {"mc_acc": 1.0, "mc_acc_norm": 1.0, "mc_n": 2}
 
 
 def test_choice_examples_are_well_formed():
@@ -98,9 +98,9 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
 
 
 def test_batched_greedy_replies_equal_one_at_a_time():
-    """tokenizer.chat_replies batches prompts of unequal lengths, left-padded: each greedy reply is the one
+    """engine.chat_replies batches prompts of unequal lengths, left-padded: each greedy reply is the one
     the prompt gets alone, and the replies come back in the prompts' order."""
-    from tokenizer import chat_replies
+    from engine import chat_replies
     model = tiny(block_size=128)
     with torch.no_grad():  # an untrained model at the usual scale answers newlines to everything
         for p in model.parameters():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine import generate, sample_next
 from model import GPT, GPTConfig, RMSNorm, apply_rotary, doc_ids_from_eot, rotary_tables
 from optim import configure_optimizer
 
@@ -116,8 +117,8 @@ def test_doc_ids_from_eot():
 def test_kv_cache_greedy_equals_no_cache(new_tokens):
     model = tiny()
     prompt = torch.randint(0, 50, (2, 5))
-    cached = model.generate(prompt, new_tokens, temperature=0)
-    plain = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    cached = generate(model, prompt, new_tokens, temperature=0)
+    plain = generate(model, prompt, new_tokens, temperature=0, use_cache=False)
     assert cached.shape == (2, 5 + new_tokens)
     assert torch.equal(cached, plain)
 
@@ -125,10 +126,10 @@ def test_kv_cache_greedy_equals_no_cache(new_tokens):
 def test_generate_crops_long_prompt_and_stops():
     model = tiny()
     prompt = torch.randint(0, 50, (1, 40))  # longer than block_size=32: only the last 32 are kept
-    out = model.generate(prompt, 3, temperature=0)
+    out = generate(model, prompt, 3, temperature=0)
     assert torch.equal(out[:, :32], prompt[:, -32:]) and out.shape == (1, 35)
     first = out[0, 32].item()
-    stopped = model.generate(prompt, 10, temperature=0, stop_tokens=(first,))
+    stopped = generate(model, prompt, 10, temperature=0, stop_tokens=(first,))
     assert stopped.shape == (1, 33)
 
 
@@ -142,16 +143,15 @@ def test_left_padded_batch_generates_as_each_prompt_alone():
     pad = torch.tensor([width - len(p) for p in prompts])
     logits = model(x, pad=pad)[0]
     for new_tokens, use_cache in ((15, True), (15, False), (27, True)):
-        out = model.generate(x, new_tokens, temperature=0, pad=pad, use_cache=use_cache)
+        out = generate(model, x, new_tokens, temperature=0, pad=pad, use_cache=use_cache)
         for i, p in enumerate(prompts):
             torch.testing.assert_close(logits[i, width - len(p):], model(torch.tensor([p]))[0][0], atol=1e-5, rtol=1e-5)
-            alone = model.generate(torch.tensor([p]), new_tokens, temperature=0)[0, len(p):]
+            alone = generate(model, torch.tensor([p]), new_tokens, temperature=0)[0, len(p):]
             if new_tokens + width < 32 or len(p) == width:  # past a refill, the batch's window is the widest row's
                 assert out[i, width:].tolist() == alone.tolist()
 
 
 def test_per_row_generators_draw_whatever_the_batch():
-    from model import sample_next
     logits = torch.randn(3, 20)
     generators = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
     together = sample_next(logits, 1.0, generator=generators())
@@ -166,7 +166,6 @@ def test_per_row_generators_draw_whatever_the_batch():
 
 
 def test_sampling_filters():
-    from model import sample_next
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}

@@ -202,10 +202,11 @@ def test_rl_replies_depend_on_their_prompt_alone(letter_policy):
     source = batches.TaskPrompts(cfg, ckpt)
     batch = source.get("train", 8, torch.Generator().manual_seed(0))
     assert len({len(p) for p in batch["prompts"]}) > 2
-    together = source.replies(model, batch)
+    rl = train.RLLoss(cfg, source, None, None)
+    together = rl.replies(model, batch)
     assert len(together) == 24 and len({tuple(r) for _, r in together}) > 3
     for i, prompt in enumerate(batch["prompts"]):
-        alone = source.replies(model, {k: v[i:i + 1] for k, v in batch.items()})
+        alone = rl.replies(model, {k: v[i:i + 1] for k, v in batch.items()})
         assert alone == together[3 * i:3 * i + 3] and all(p == prompt for p, _ in alone)
 
 

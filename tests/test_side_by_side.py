@@ -15,7 +15,7 @@ import checkpoint
 import side_by_side
 from conftest import ROOT, run_script
 from model import GPT, GPTConfig
-from tokenizer import chat_replies
+from engine import chat_replies
 
 PROMPTS = ["Is fire hot?", "Name a color.", "What is 2 + 2?", "Say hello."]
 

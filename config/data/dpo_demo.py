@@ -10,5 +10,5 @@ from_ckpt = "out/sft_tiny"
 pair_prompts = 2000
 samples_per_prompt = 4
 sample_temperature = 1.0
-reference_chosen = False               # with the reference as chosen: held-out reward accuracy 0.58, not 0.7+
+reference_chosen = False               # chosen replies are the model's own, not the tasks' reference answers
 block_size = 256
